@@ -1,0 +1,90 @@
+"""Full (non-linear) and partial fine-tuning: ΔW = θ − θ0 on the trained parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from orthoreg.paradigms.base import (
+    FineTunable,
+    Paradigm,
+    ParamRule,
+    fingerprint_module,
+    freeze_normalization,
+    parameter_rule,
+)
+from orthoreg.regularizer import OrthoReg
+
+
+def _ref_name(name: str) -> str:
+    return "theta0__" + name.replace(".", "__")
+
+
+class DirectFineTunable(FineTunable):
+    """The backbone itself, with θ0 of its trained parameters kept beside it on-device."""
+
+    def __init__(self, backbone: nn.Module, paradigm: str, trained: list[str]) -> None:
+        super().__init__(fingerprint_module(backbone))
+        self.paradigm = paradigm
+        self.backbone = freeze_normalization(backbone)
+        if not trained:
+            raise ValueError(f"paradigm {paradigm!r} selected no parameters to train")
+        params = dict(backbone.named_parameters())
+        for name, param in params.items():
+            param.requires_grad_(name in trained)
+        self.trained = trained
+        # θ0 of the trained tensors only: one copy, made once; non-persistent buffers so
+        # that ``.to(device)`` moves it with the weights and state_dict() stays θ-only
+        for name in trained:
+            self.register_buffer(_ref_name(name), params[name].detach().clone(), persistent=False)
+
+    @property
+    def reference(self) -> dict[str, Tensor]:
+        return {name: getattr(self, _ref_name(name)) for name in self.trained}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def deltas(self) -> dict[str, Tensor]:
+        params = dict(self.backbone.named_parameters())
+        return {name: params[name] - getattr(self, _ref_name(name)) for name in self.trained}
+
+    def regularizer(self, squared: bool = False, **options: Any) -> OrthoReg:
+        return OrthoReg(self.backbone, reference=self.reference, squared=squared, **options)
+
+
+class Full(Paradigm):
+    """Every parameter trains (Ilharco et al. 2023); BatchNorm statistics stay θ0's."""
+
+    name = "full"
+
+    def prepare(self, backbone: nn.Module) -> FineTunable:
+        trained = [n for n, p in backbone.named_parameters() if p.is_floating_point()]
+        return DirectFineTunable(backbone, self.name, trained)
+
+
+class Partial(Paradigm):
+    """A named subset trains (attention-only FT, Jin et al. 2025, generalised).
+
+    ``select`` is a preset (``vit_attention``, ``pointwise``), name globs, or a predicate.
+    """
+
+    name = "partial"
+
+    def __init__(self, select: str | Sequence[str] | ParamRule = "vit_attention") -> None:
+        self.select = select
+        self._rule = parameter_rule(select)
+
+    def prepare(self, backbone: nn.Module) -> FineTunable:
+        trained = [n for n, p in backbone.named_parameters() if self._rule(n, p)]
+        if not trained:
+            raise ValueError(
+                f"partial fine-tuning: selection {self.select!r} matches no parameter of "
+                f"{type(backbone).__name__}"
+            )
+        return DirectFineTunable(backbone, self.name, trained)
+
+    def options(self) -> dict[str, Any]:
+        return {"select": self.select if not callable(self.select) else "<callable>"}

@@ -1,0 +1,305 @@
+"""The fine-tuning loop: small enough to hold in one's head, safe to kill at any step.
+
+Objective (Liu et al. 2026, OrthoReg): ``L = L_task + λ·Σ_l R(ΔW_l)``. Under gradient
+accumulation the penalty is evaluated once per optimizer step, not per micro-batch: its
+gradient is identical (Σ_k λR/k = λR) and it costs 1/k as much.
+
+Resumability: the data order of every step is a pure function of (seed, step), the learning
+rate is a pure function of step, and the checkpoint holds trainable tensors, optimizer
+state and RNG states. A run killed at any point and restarted ends bit-identical (CPU) to
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from orthoreg.paradigms.base import FineTunable
+from orthoreg.utils.io import OrthoRegFileError, read_tensors, save_tensors
+from orthoreg.utils.provenance import provenance
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class NonFiniteError(FloatingPointError):
+    """Loss, penalty or gradient became NaN/inf; the last checkpoint is left untouched."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one fine-tuning run (defaults: the paper's CLIP recipe, scaled)."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 500
+    grad_clip: float | None = 1.0
+    accumulation: int = 1
+    label_smoothing: float = 0.0
+    lam: float = 0.0
+    squared: bool = False
+    estimator: str = "exact"
+    probes: int = 8
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    progress: bool = True
+    amp: bool = False  # bf16 autocast on CUDA
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0, "warmup_steps": self.warmup_steps >= 0,
+            "accumulation": self.accumulation >= 1, "lam": self.lam >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1, "probes": self.probes >= 1,
+            "checkpoint_every": self.checkpoint_every >= 1, "log_every": self.log_every >= 1,
+            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"TrainConfig: invalid {bad[0]} = {getattr(self, bad[0])!r}")
+
+    def resume_key(self) -> dict[str, Any]:
+        """The fields that must match for a checkpoint to be resumed."""
+        skip = {"progress", "log_every", "checkpoint_every"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to zero (a pure function of the step)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, seed: int, rank: int = 0,
+                  world: int = 1) -> Tensor:
+    """Indices of micro-batch ``micro_step``: epochs are seeded permutations, drop-last.
+
+    Deterministic in (seed, micro_step) so that a resumed run sees the same data. With
+    ``world`` > 1 each rank takes its slice of the global batch.
+    """
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"dataset of {n} examples is smaller than one batch of {batch_size}")
+    epoch, position = divmod(micro_step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    batch = order[position * batch_size : (position + 1) * batch_size]
+    return batch.tensor_split(world)[rank] if world > 1 else batch
+
+
+def _stack(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor]:
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:  # TensorDataset: one gather, no Python loop
+        return tensors[0][indices], tensors[1][indices]
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
+
+
+def _first_nonfinite(named: dict[str, Tensor]) -> str | None:
+    for name, value in named.items():
+        if value is not None and not torch.isfinite(value).all():
+            return name
+    return None
+
+
+class Trainer:
+    """One fine-tuning run of a :class:`FineTunable` with a frozen head."""
+
+    def __init__(self, model: FineTunable, head: nn.Module, train: Dataset, config: TrainConfig,
+                 workdir: str | os.PathLike[str] | None = None,
+                 on_log: Callable[[dict[str, float]], None] | None = None) -> None:
+        self.model, self.head, self.train_data, self.config = model, head, train, config
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.on_log = on_log
+        head.requires_grad_(False)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("nothing to train: the model has no trainable parameter")
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.reg = (model.regularizer(squared=config.squared, estimator=config.estimator,
+                                      probes=config.probes) if config.lam > 0 else None)
+        self.step = 0
+        self.rank, self.world = _dist_rank_world()
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_path(self) -> Path | None:
+        return self.workdir / CHECKPOINT if self.workdir is not None else None
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpoint_path()
+        if path is None or self.rank != 0:
+            return
+        tensors = {f"model.{n}": p.detach() for n, p in self.params.items()}
+        names = list(self.params)
+        state = self.optimizer.state_dict()
+        for index, slot in state["state"].items():
+            for key, value in slot.items():
+                tensors[f"optim.{names[index]}.{key}"] = torch.as_tensor(value)
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"kind": "orthoreg.checkpoint", "step": self.step,
+                "config": self.config.resume_key(), **provenance(self.config.seed)}
+        save_tensors(path, tensors, meta)
+
+    def try_resume(self) -> int:
+        path = self.checkpoint_path()
+        if path is None or not path.exists():
+            return 0
+        tensors, meta = read_tensors(path, device="cpu")
+        if meta.get("kind") != "orthoreg.checkpoint":
+            raise OrthoRegFileError(f"{path}: not an orthoreg training checkpoint")
+        if meta.get("config") != self.config.resume_key():
+            diff = [k for k, v in self.config.resume_key().items()
+                    if (meta.get("config") or {}).get(k) != v]
+            raise ValueError(f"{path}: checkpoint was written with a different config "
+                             f"(first difference: {diff[0] if diff else '?'}); use another "
+                             "output directory or delete the checkpoint")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                key = f"model.{name}"
+                if key not in tensors or tensors[key].shape != param.shape:
+                    raise OrthoRegFileError(f"{path}: checkpoint lacks or misshapes {name!r}")
+                param.copy_(tensors[key])
+        names = list(self.params)
+        state = self.optimizer.state_dict()
+        for index, name in enumerate(names):
+            slot = {k.split(".")[-1]: v for k, v in tensors.items()
+                    if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
+            if slot:
+                state["state"][index] = {k: v.to(self.params[name].device) if k != "step" else v
+                                         for k, v in slot.items()}
+        self.optimizer.load_state_dict(state)
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = int(meta["step"])
+        return self.step
+
+    # ---------------------------------------------------------------- the loop
+    def _micro_batch(self, micro_step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        indices = batch_indices(len(self.train_data), self.config.batch_size, micro_step,
+                                self.config.seed, self.rank, self.world)
+        x, y = _stack(self.train_data, indices)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def _check_finite(self, what: str, value: Tensor) -> None:
+        if not torch.isfinite(value).all():
+            detail = ""
+            if what == "penalty" and self.reg is not None:
+                layer = _first_nonfinite(self.reg.per_layer())
+                detail = f" (first offending matrix: {layer})"
+            raise NonFiniteError(f"step {self.step}: {what} is {float(value)}{detail}; "
+                                 "the last checkpoint is intact")
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        start_step = self.try_resume()
+        device = next(iter(self.params.values())).device
+        self.model.train()
+        self.head.eval()
+        history: list[dict[str, float]] = []
+        started = time.perf_counter()
+        bar = _progress(cfg, start_step, enabled=cfg.progress and self.rank == 0)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
+            cfg.amp and device.type == "cuda") else _nullcontext()
+        while self.step < cfg.steps:
+            lr = learning_rate(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            task_total, correct, seen = 0.0, 0, 0
+            for micro in range(cfg.accumulation):
+                x, y = self._micro_batch(self.step * cfg.accumulation + micro, device)
+                with autocast:
+                    logits = self.head(self.model(x))
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                self._check_finite("task loss", loss.detach())
+                (loss / cfg.accumulation).backward()
+                task_total += float(loss.detach()) / cfg.accumulation
+                correct += int((logits.argmax(-1) == y).sum())
+                seen += len(y)
+            penalty_value = 0.0
+            if self.reg is not None:
+                penalty = self.reg()
+                self._check_finite("penalty", penalty.detach())
+                (cfg.lam * penalty).backward()
+                penalty_value = float(penalty)
+            grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+            norm = (nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+                    if cfg.grad_clip else nn.utils.get_total_norm(list(grads.values())))
+            if not torch.isfinite(norm):
+                raise NonFiniteError(f"step {self.step}: gradient of {_first_nonfinite(grads)!r} "
+                                     "is not finite; the last checkpoint is intact")
+            self.optimizer.step()
+            self.step += 1
+            record = {"step": self.step, "lr": lr, "task_loss": task_total,
+                      "penalty": penalty_value, "loss": task_total + cfg.lam * penalty_value,
+                      "acc": correct / max(1, seen), "grad_norm": float(norm)}
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                history.append(record)
+                if self.on_log:
+                    self.on_log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['task_loss']:.3f}", pen=f"{penalty_value:.3g}",
+                                acc=f"{record['acc']:.2f}", refresh=False)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        return TrainResult(self.step, time.perf_counter() - started, history, start_step)
+
+
+def finetune(model: FineTunable, head: nn.Module, train: Dataset, config: TrainConfig,
+             workdir: str | os.PathLike[str] | None = None, **kwargs: Any) -> TrainResult:
+    """Fine-tune ``model`` (in place) with the frozen ``head``; resumes from ``workdir``."""
+    return Trainer(model, head, train, config, workdir, **kwargs).run()
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress(config: TrainConfig, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start, desc="fine-tune", leave=False,
+                dynamic_ncols=True)
