@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from orthoreg.errors import OrthoRegError
 from orthoreg.utils.io import read_tensors, save_tensors
 from orthoreg.utils.provenance import fingerprint_state, versions
 
@@ -24,7 +25,7 @@ from orthoreg.utils.provenance import fingerprint_state, versions
 _IDENTITY_KEYS = ("base_fingerprint", "paradigm")
 
 
-class TaskVectorMismatch(ValueError):
+class TaskVectorMismatch(OrthoRegError, ValueError):
     """Two task vectors (or a vector and a model) that cannot be combined."""
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from orthoreg.errors import OrthoRegError
 from orthoreg.paradigms.base import FineTunable
 from orthoreg.utils.io import OrthoRegFileError, read_tensors, save_tensors
 from orthoreg.utils.provenance import provenance
@@ -32,7 +33,7 @@ from orthoreg.utils.provenance import provenance
 CHECKPOINT = "checkpoint.safetensors"
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(OrthoRegError, FloatingPointError):
     """Loss, penalty or gradient became NaN/inf; the last checkpoint is left untouched."""
 
 

@@ -20,10 +20,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from orthoreg.errors import OrthoRegError
+
 METADATA_KEY = "orthoreg"
 
 
-class OrthoRegFileError(ValueError):
+class OrthoRegFileError(OrthoRegError, ValueError):
     """A file is missing, truncated, corrupted, or not what the caller expected."""
 
 
