@@ -1,0 +1,147 @@
+"""The core subcommands: demo/run, fetch, merge, info, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orthoreg.cli.registry import UsageError, command
+from orthoreg.errors import ConfigError
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UsageError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def builtin_config(name: str) -> Path:
+    path = resources.files("orthoreg") / "configs" / f"{name}.yaml"
+    return Path(str(path))
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the built-in embedded benchmark)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--seeds", type=int, help="repeat with seeds 0..N-1, report mean ± std")
+    p.add_argument("--quick", action="store_true", help="the reduced CI version (≤ 3 min)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=50")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("demo", "run the embedded benchmark (or --config) end to end and write a report",
+         _configure_demo)
+def demo(args: argparse.Namespace) -> int:
+    from orthoreg.experiment import Experiment, load_config
+
+    if args.config and args.quick:
+        raise UsageError("--quick selects a built-in config; use --config or --quick, not both")
+    path = Path(args.config) if args.config else builtin_config("quick" if args.quick
+                                                                else "embedded")
+    overrides = _overrides(args.set)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ConfigError("--seeds must be ≥ 1")
+        overrides["seeds"] = list(range(args.seeds))
+    config = load_config(path, overrides)
+    print(f"orthoreg demo: config {path} → {args.out}")
+    results = Experiment(config, args.out, progress=not args.no_progress).run()
+    from orthoreg.experiment.report import summary_table
+
+    print(summary_table(results))
+    print(f"\nwrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'} "
+          f"({results['timings']['total']:.0f} s)")
+    return 0
+
+
+def _configure_fetch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", help="assets to fetch (default: all default assets)")
+
+
+@command("fetch", "download and verify the embedded models and datasets (sha256)",
+         _configure_fetch)
+def fetch(args: argparse.Namespace) -> int:
+    from orthoreg.zoo import assets
+
+    assets.fetch(args.names or None)
+    return 0
+
+
+def _configure_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method", help="merge method (see `orthoreg merge list`)")
+    p.add_argument("vectors", nargs="*", help="task vector files (.safetensors)")
+    p.add_argument("--out", help="where to write the merged task vector")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a merge hyper-parameter, e.g. --param k=0.2")
+
+
+@command("merge", "merge task vectors with a registered method", _configure_merge)
+def merge(args: argparse.Namespace) -> int:
+    from orthoreg import merging
+    from orthoreg.taskvector import TaskVector
+
+    if args.method == "list":
+        for name in merging.available():
+            print(name)
+        return 0
+    if not args.vectors or not args.out:
+        raise UsageError("merge needs task vector files and --out")
+    vectors = [TaskVector.load(path) for path in args.vectors]
+    merged = merging.merge(args.method, vectors, **_overrides(args.param))
+    merged.metadata["merge"] = {"method": args.method, "params": _overrides(args.param),
+                                "inputs": args.vectors}
+    merged.save(args.out)
+    print(f"wrote {args.out}: {merged}")
+    return 0
+
+
+def _configure_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vectors", nargs="+", help="task vector files")
+
+
+@command("info", "describe task vectors: metadata, norms, pairwise cosines", _configure_info)
+def info(args: argparse.Namespace) -> int:
+    from orthoreg.taskvector import TaskVector
+
+    vectors = [TaskVector.load(path) for path in args.vectors]
+    for path, vector in zip(args.vectors, vectors):
+        meta = {k: v for k, v in vector.metadata.items() if k not in ("versions", "config")}
+        print(f"{path}: {len(vector)} tensors, ‖τ‖ = {vector.norm():.4g}")
+        print("  " + json.dumps(meta, default=str))
+    if len(vectors) > 1:
+        print("pairwise cosine:")
+        for i, a in enumerate(vectors):
+            print("  " + " ".join(f"{a.cosine(b):+.3f}" for b in vectors))
+    return 0
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="benchmark name: search | penalty")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+
+
+@command("bench", "run a performance benchmark (prints ratios measured in one run)",
+         _configure_bench)
+def bench(args: argparse.Namespace) -> int:
+    from orthoreg.bench.__main__ import BENCHMARKS
+
+    if args.name not in BENCHMARKS:
+        raise UsageError(f"unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
+    return int(BENCHMARKS[args.name](args.rest) or 0)
