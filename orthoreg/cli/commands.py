@@ -127,7 +127,7 @@ def info(args: argparse.Namespace) -> int:
         print("  " + json.dumps(meta, default=str))
     if len(vectors) > 1:
         print("pairwise cosine:")
-        for i, a in enumerate(vectors):
+        for a in vectors:
             print("  " + " ".join(f"{a.cosine(b):+.3f}" for b in vectors))
     return 0
 
