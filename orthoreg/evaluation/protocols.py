@@ -1,0 +1,311 @@
+"""The task-arithmetic protocols of DESIGN.md §2: addition and negation.
+
+Both follow Ilharco et al. (2023) as used by OrthoReg (Liu et al. 2026):
+
+- **addition** — θ0 + α·merge(τ_1..τ_T); α on a grid in [0, 1] (21 points) chosen on the
+  *validation* splits by the mean normalized accuracy, where
+  normalized_t = acc_t(merged) / acc_t(single-task fine-tuned model of the same paradigm);
+  test absolute and normalized accuracies are reported at that α.
+- **negation** — θ0 − α·τ_t; per threshold q ∈ {0.95, 0.90, 0.80}, α minimises the target
+  task's validation accuracy subject to control validation accuracy ≥ q × the pretrained
+  model's; test target and control accuracies are reported at that α.
+
+Test splits are only ever evaluated at coefficients already chosen on validation. Every
+input is validated — vectors against each other and the backbone, the grid, the data,
+the fine-tuned reference accuracies — before the first forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from orthoreg.evaluation.accuracy import EvalBatches, model_device, to_jsonable
+from orthoreg.evaluation.grid import (
+    check_vectors,
+    coefficient_grid,
+    grid_accuracy,
+    resolve_paradigm,
+)
+from orthoreg.evaluation.resident import ResidentModel, as_resident
+from orthoreg.taskvector import TaskVector
+
+#: the 21-point grid in [0, 1] of DESIGN.md §2
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(i / 20 for i in range(21))
+#: control-accuracy retention levels of the negation protocol
+NEGATION_THRESHOLDS: tuple[float, ...] = (0.95, 0.90, 0.80)
+#: slack for comparing accuracies (ratios of counts) with a threshold × an accuracy
+_TOLERANCE = 1e-12
+
+
+@dataclass(frozen=True)
+class TaskEval:
+    """What evaluating one task needs: its frozen head and its val and test splits."""
+
+    name: str
+    head: nn.Module
+    val: Dataset | tuple[Tensor, Tensor]
+    test: Dataset | tuple[Tensor, Tensor]
+
+    def batches(self, device: Any, batch_size: int) -> tuple[EvalBatches, EvalBatches]:
+        """Both splits prepared once (this also rejects an empty split, naming the task)."""
+        prepared = []
+        for split in ("val", "test"):
+            try:
+                prepared.append(EvalBatches(getattr(self, split), batch_size, device))
+            except ValueError as error:
+                raise type(error)(f"task {self.name!r}, {split} split: {error}") from error
+        return prepared[0], prepared[1]
+
+
+def normalized_accuracy(accuracy: float, finetuned_accuracy: float) -> float:
+    """acc_t(merged) / acc_t(single-task fine-tuned, same paradigm) — DESIGN.md §2.
+
+    It measures how much of what fine-tuning achieved on t survives the merge (1 = all);
+    dividing by the *same paradigm's* fine-tuned accuracy keeps paradigms comparable.
+    """
+    if not (math.isfinite(finetuned_accuracy) and finetuned_accuracy > 0):
+        raise ValueError(f"fine-tuned accuracy must be > 0, got {finetuned_accuracy!r}")
+    return accuracy / finetuned_accuracy
+
+
+def merge_vectors(method: str, vectors: Sequence[TaskVector],
+                  params: Mapping[str, Any] | None = None) -> TaskVector:
+    """The merged task vector, through the ``orthoreg.merging`` registry.
+
+    Imported lazily (evaluation sits below merging in the data flow only by call, not by
+    import); plain task arithmetic, Σ_t τ_t, needs no registry and is computed here if the
+    registry is unavailable.
+    """
+    try:
+        from orthoreg.merging import merge
+    except ImportError:
+        if method == "task_arithmetic" and not params:
+            return sum(vectors)  # type: ignore[return-value]
+        raise
+    return merge(method, list(vectors), **dict(params or {}))
+
+
+# ----------------------------------------------------------------------------- addition
+@dataclass
+class AdditionResult:
+    """Task addition at the α chosen on validation, with the whole validation curve."""
+
+    paradigm: str
+    merge: str
+    merge_params: dict[str, Any]
+    alpha: float
+    alphas: list[float]
+    val_mean_normalized: list[float]  # the selection curve: α_i -> mean_t normalized val acc
+    val_accuracy: dict[str, list[float]]  # per task, absolute val accuracy at each α_i
+    test_accuracy: dict[str, float]
+    test_normalized: dict[str, float]
+    test_mean_accuracy: float
+    test_mean_normalized: float
+    finetuned_accuracy: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(asdict(self))
+
+
+def _check_finetuned(names: Sequence[str],
+                     finetuned_acc: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name in names:
+        if name not in finetuned_acc:
+            raise ValueError(f"no fine-tuned accuracy for task {name!r}")
+        record = finetuned_acc[name]
+        values = {}
+        for split in ("val", "test"):
+            if split not in record:
+                raise ValueError(f"fine-tuned accuracy of task {name!r} lacks {split!r}")
+            value = float(record[split])
+            if not (math.isfinite(value) and 0 < value <= 1):
+                raise ValueError(f"fine-tuned {split} accuracy of task {name!r} must be in "
+                                 f"(0, 1], got {record[split]!r}")
+            values[split] = value
+        out[name] = values
+    return out
+
+
+def _best_index(alphas: Sequence[float], scores: Sequence[float]) -> int:
+    """argmax of the score; ties go to the smallest |α| (the least edited model)."""
+    return min(range(len(alphas)), key=lambda i: (-scores[i], abs(alphas[i]), alphas[i]))
+
+
+def addition(
+    backbone: nn.Module | ResidentModel,
+    tasks: Mapping[str, TaskEval],
+    vectors: Mapping[str, TaskVector],
+    finetuned_acc: Mapping[str, Mapping[str, float]],
+    alphas: Sequence[float] | Tensor = DEFAULT_ALPHAS,
+    merge: str = "task_arithmetic",
+    merge_params: Mapping[str, Any] | None = None,
+    paradigm: str | None = None,
+    batch_size: int = 256,
+) -> AdditionResult:
+    """Task addition θ0 + α·merge(τ) with α chosen on validation (DESIGN.md §2).
+
+    ``finetuned_acc[t] = {"val": ..., "test": ...}`` are the single-task fine-tuned
+    accuracies of the same paradigm, the denominators of the normalized accuracy.
+    """
+    names = list(tasks)
+    if not names:
+        raise ValueError("addition needs at least one task")
+    if set(vectors) != set(names):
+        missing = sorted(set(names) - set(vectors)) or sorted(set(vectors) - set(names))
+        raise ValueError(f"tasks and task vectors differ: {missing[0]!r} is not in both")
+    finetuned = _check_finetuned(names, finetuned_acc)
+    vector_list = check_vectors([vectors[name] for name in names])
+    paradigm = resolve_paradigm(vector_list, paradigm)
+    grid = coefficient_grid(alphas)[:, 0].tolist()
+    resident = as_resident(backbone)
+    for vector in vector_list:
+        resident.check(vector)
+    device = model_device(resident.backbone)
+    splits = {name: tasks[name].batches(device, batch_size) for name in names}
+
+    merged = merge_vectors(merge, vector_list, merge_params)
+    val_accuracy = {
+        name: grid_accuracy(resident, tasks[name].head, splits[name][0], merged, grid, paradigm)
+        for name in names
+    }
+    curve = [
+        sum(normalized_accuracy(val_accuracy[n][i], finetuned[n]["val"]) for n in names) / len(names)
+        for i in range(len(grid))
+    ]
+    alpha = grid[_best_index(grid, curve)]
+    test_accuracy = {
+        name: grid_accuracy(resident, tasks[name].head, splits[name][1], merged, [alpha],
+                            paradigm)[0]
+        for name in names
+    }
+    test_normalized = {n: normalized_accuracy(test_accuracy[n], finetuned[n]["test"])
+                       for n in names}
+    return AdditionResult(
+        paradigm=paradigm,
+        merge=merge,
+        merge_params=dict(merge_params or {}),
+        alpha=alpha,
+        alphas=grid,
+        val_mean_normalized=curve,
+        val_accuracy=val_accuracy,
+        test_accuracy=test_accuracy,
+        test_normalized=test_normalized,
+        test_mean_accuracy=sum(test_accuracy.values()) / len(names),
+        test_mean_normalized=sum(test_normalized.values()) / len(names),
+        finetuned_accuracy=finetuned,
+    )
+
+
+# ----------------------------------------------------------------------------- negation
+@dataclass
+class NegationChoice:
+    """The coefficient chosen for one control threshold, and what it gives on test.
+
+    ``feasible`` is False when no α ≠ 0 keeps the control accuracy above the threshold;
+    then α = 0 (the pretrained model) is reported, never a silently violating α.
+    """
+
+    threshold: float
+    feasible: bool
+    alpha: float
+    target_val: float
+    control_val: float
+    target_test: float
+    control_test: float
+
+
+@dataclass
+class NegationResult:
+    """Task negation θ0 − α·τ of ``target``, constrained by ``control``'s accuracy."""
+
+    target: str
+    control: str
+    paradigm: str
+    alphas: list[float]  # evaluated points (α = 0, the pretrained model, always first)
+    target_val: list[float]
+    control_val: list[float]
+    pretrained: dict[str, dict[str, float]]  # {"target"|"control": {"val", "test"}}
+    choices: list[NegationChoice] = field(default_factory=list)
+
+    def choice(self, threshold: float) -> NegationChoice:
+        for choice in self.choices:
+            if math.isclose(choice.threshold, threshold):
+                return choice
+        raise KeyError(f"no choice for threshold {threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(asdict(self))
+
+
+def negation(
+    backbone: nn.Module | ResidentModel,
+    target: TaskEval,
+    control: TaskEval,
+    vector: TaskVector,
+    alphas: Sequence[float] | Tensor = DEFAULT_ALPHAS,
+    thresholds: Sequence[float] = NEGATION_THRESHOLDS,
+    paradigm: str | None = None,
+    batch_size: int = 256,
+) -> NegationResult:
+    """Forget ``target`` by θ0 − α·τ while ``control`` keeps ≥ q × its pretrained accuracy.
+
+    For each threshold q, α minimises target val accuracy among grid points whose control
+    val accuracy is ≥ q × the pretrained control val accuracy (α = 0 always qualifies; ties
+    go to higher control accuracy, then to the smaller α).
+    """
+    vector_list = check_vectors([vector])
+    paradigm = resolve_paradigm(vector_list, paradigm)
+    given = coefficient_grid(alphas)[:, 0].tolist()
+    levels = [float(q) for q in thresholds]
+    if not levels or not all(0 < q <= 1 for q in levels):  # NaN fails too
+        raise ValueError(f"thresholds must lie in (0, 1], got {list(thresholds)!r}")
+    resident = as_resident(backbone)
+    resident.check(vector_list[0])
+    device = model_device(resident.backbone)
+    target_val_b, target_test_b = target.batches(device, batch_size)
+    control_val_b, control_test_b = control.batches(device, batch_size)
+
+    points = [0.0, *(a for a in dict.fromkeys(given) if a != 0.0)]
+    negated = [-a for a in points]
+    vec = vector_list[0]
+    target_val = grid_accuracy(resident, target.head, target_val_b, vec, negated, paradigm)
+    control_val = grid_accuracy(resident, control.head, control_val_b, vec, negated, paradigm)
+
+    chosen = []
+    for q in levels:
+        bound = q * control_val[0] - _TOLERANCE
+        allowed = [i for i in range(len(points)) if control_val[i] >= bound]
+        best = min(allowed, key=lambda i: (target_val[i], -control_val[i], abs(points[i])))
+        chosen.append((q, any(i != 0 for i in allowed), best))
+
+    test_points = sorted({0, *(best for _, _, best in chosen)})
+    test_negated = [-points[i] for i in test_points]
+    target_test = dict(zip(test_points, grid_accuracy(
+        resident, target.head, target_test_b, vec, test_negated, paradigm)))
+    control_test = dict(zip(test_points, grid_accuracy(
+        resident, control.head, control_test_b, vec, test_negated, paradigm)))
+
+    choices = [
+        NegationChoice(threshold=q, feasible=feasible, alpha=points[best],
+                       target_val=target_val[best], control_val=control_val[best],
+                       target_test=target_test[best], control_test=control_test[best])
+        for q, feasible, best in chosen
+    ]
+    return NegationResult(
+        target=target.name,
+        control=control.name,
+        paradigm=paradigm,
+        alphas=points,
+        target_val=target_val,
+        control_val=control_val,
+        pretrained={"target": {"val": target_val[0], "test": target_test[0]},
+                    "control": {"val": control_val[0], "test": control_test[0]}},
+        choices=choices,
+    )
