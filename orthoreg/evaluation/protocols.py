@@ -18,8 +18,8 @@ the fine-tuned reference accuracies — before the first forward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -94,20 +94,25 @@ def merge_vectors(method: str, vectors: Sequence[TaskVector],
 # ----------------------------------------------------------------------------- addition
 @dataclass
 class AdditionResult:
-    """Task addition at the α chosen on validation, with the whole validation curve."""
+    """Task addition at the α chosen on validation, with the whole validation curve.
+
+    ``*_abs`` are mean absolute accuracies over tasks, ``*_norm`` mean normalized ones, at
+    the chosen α; ``per_task[t]`` holds ``val``, ``val_norm``, ``test``, ``test_norm``;
+    ``val_curve`` holds the selection curve for plotting: ``alphas``, ``norm`` (mean
+    normalized val accuracy — the criterion), ``abs`` and ``per_task`` absolute val curves.
+    """
 
     paradigm: str
     merge: str
     merge_params: dict[str, Any]
     alpha: float
-    alphas: list[float]
-    val_mean_normalized: list[float]  # the selection curve: α_i -> mean_t normalized val acc
-    val_accuracy: dict[str, list[float]]  # per task, absolute val accuracy at each α_i
-    test_accuracy: dict[str, float]
-    test_normalized: dict[str, float]
-    test_mean_accuracy: float
-    test_mean_normalized: float
-    finetuned_accuracy: dict[str, dict[str, float]]
+    val_abs: float
+    val_norm: float
+    test_abs: float
+    test_norm: float
+    per_task: dict[str, dict[str, float]]
+    val_curve: dict[str, Any]
+    finetuned: dict[str, dict[str, float]]
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(asdict(self))
@@ -175,32 +180,40 @@ def addition(
         name: grid_accuracy(resident, tasks[name].head, splits[name][0], merged, grid, paradigm)
         for name in names
     }
-    curve = [
-        sum(normalized_accuracy(val_accuracy[n][i], finetuned[n]["val"]) for n in names) / len(names)
-        for i in range(len(grid))
-    ]
-    alpha = grid[_best_index(grid, curve)]
-    test_accuracy = {
-        name: grid_accuracy(resident, tasks[name].head, splits[name][1], merged, [alpha],
-                            paradigm)[0]
+    val_normalized = {
+        name: [normalized_accuracy(acc, finetuned[name]["val"]) for acc in val_accuracy[name]]
         for name in names
     }
-    test_normalized = {n: normalized_accuracy(test_accuracy[n], finetuned[n]["test"])
-                       for n in names}
+    curve = [_mean(val_normalized[n][i] for n in names) for i in range(len(grid))]
+    best = _best_index(grid, curve)
+    alpha = grid[best]
+    per_task = {}
+    for name in names:
+        test = grid_accuracy(resident, tasks[name].head, splits[name][1], merged, [alpha],
+                             paradigm)[0]
+        per_task[name] = {"val": val_accuracy[name][best], "val_norm": val_normalized[name][best],
+                          "test": test,
+                          "test_norm": normalized_accuracy(test, finetuned[name]["test"])}
     return AdditionResult(
         paradigm=paradigm,
         merge=merge,
         merge_params=dict(merge_params or {}),
         alpha=alpha,
-        alphas=grid,
-        val_mean_normalized=curve,
-        val_accuracy=val_accuracy,
-        test_accuracy=test_accuracy,
-        test_normalized=test_normalized,
-        test_mean_accuracy=sum(test_accuracy.values()) / len(names),
-        test_mean_normalized=sum(test_normalized.values()) / len(names),
-        finetuned_accuracy=finetuned,
+        val_abs=_mean(per_task[n]["val"] for n in names),
+        val_norm=curve[best],
+        test_abs=_mean(per_task[n]["test"] for n in names),
+        test_norm=_mean(per_task[n]["test_norm"] for n in names),
+        per_task=per_task,
+        val_curve={"alphas": grid, "norm": curve,
+                   "abs": [_mean(val_accuracy[n][i] for n in names) for i in range(len(grid))],
+                   "per_task": val_accuracy},
+        finetuned=finetuned,
     )
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 # ----------------------------------------------------------------------------- negation
@@ -215,27 +228,29 @@ class NegationChoice:
     threshold: float
     feasible: bool
     alpha: float
-    target_val: float
-    control_val: float
-    target_test: float
-    control_test: float
+    val_target: float
+    val_control: float
+    test_target: float
+    test_control: float
 
 
 @dataclass
 class NegationResult:
-    """Task negation θ0 − α·τ of ``target``, constrained by ``control``'s accuracy."""
+    """Task negation θ0 − α·τ of ``target``, constrained by ``control``'s accuracy.
+
+    ``val_curve`` holds ``alphas`` (α = 0, the pretrained model, first), ``target`` and
+    ``control`` validation accuracies; ``pretrained`` the α = 0 accuracies on both splits.
+    """
 
     target: str
     control: str
     paradigm: str
-    alphas: list[float]  # evaluated points (α = 0, the pretrained model, always first)
-    target_val: list[float]
-    control_val: list[float]
     pretrained: dict[str, dict[str, float]]  # {"target"|"control": {"val", "test"}}
-    choices: list[NegationChoice] = field(default_factory=list)
+    thresholds: list[NegationChoice]
+    val_curve: dict[str, list[float]]
 
     def choice(self, threshold: float) -> NegationChoice:
-        for choice in self.choices:
+        for choice in self.thresholds:
             if math.isclose(choice.threshold, threshold):
                 return choice
         raise KeyError(f"no choice for threshold {threshold}")
@@ -294,18 +309,16 @@ def negation(
 
     choices = [
         NegationChoice(threshold=q, feasible=feasible, alpha=points[best],
-                       target_val=target_val[best], control_val=control_val[best],
-                       target_test=target_test[best], control_test=control_test[best])
+                       val_target=target_val[best], val_control=control_val[best],
+                       test_target=target_test[best], test_control=control_test[best])
         for q, feasible, best in chosen
     ]
     return NegationResult(
         target=target.name,
         control=control.name,
         paradigm=paradigm,
-        alphas=points,
-        target_val=target_val,
-        control_val=control_val,
         pretrained={"target": {"val": target_val[0], "test": target_test[0]},
                     "control": {"val": control_val[0], "test": control_test[0]}},
-        choices=choices,
+        thresholds=choices,
+        val_curve={"alphas": points, "target": target_val, "control": control_val},
     )

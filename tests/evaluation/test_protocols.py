@@ -9,6 +9,7 @@ solved, hence the α each protocol must choose.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import pytest
@@ -89,22 +90,27 @@ def test_addition_picks_the_planted_alpha_on_validation(paradigm: str) -> None:
     result = addition(net, tasks, vectors, finetuned)
     assert result.alpha == 0.5
     assert result.paradigm == paradigm
-    assert result.alphas == list(DEFAULT_ALPHAS)
-    assert result.val_accuracy["A"][10] == 1.0 and result.val_accuracy["A"][9] < 1.0
+    curve = result.val_curve
+    assert curve["alphas"] == list(DEFAULT_ALPHAS)
+    assert curve["per_task"]["A"][10] == 1.0 and curve["per_task"]["A"][9] < 1.0
     # the curve is the mean normalized val accuracy, exactly as documented
     for i in range(21):
-        expected = (result.val_accuracy["A"][i] / 1.0 + result.val_accuracy["B"][i] / 0.8) / 2
-        assert result.val_mean_normalized[i] == pytest.approx(expected)
+        expected = (curve["per_task"]["A"][i] / 1.0 + curve["per_task"]["B"][i] / 0.8) / 2
+        assert curve["norm"][i] == pytest.approx(expected)
+        assert curve["abs"][i] == pytest.approx((curve["per_task"]["A"][i]
+                                                 + curve["per_task"]["B"][i]) / 2)
+    assert result.val_norm == max(curve["norm"]) == pytest.approx((1.0 + 1.0 / 0.8) / 2)
+    assert result.val_abs == 1.0
     # test at α = 0.5: A predicts 1 iff v > 0.5 → [0, 0, 0, 1, 1] vs labels [0, 1, 1, 1, 1]
-    assert result.test_accuracy == {"A": pytest.approx(0.6), "B": 1.0}
-    assert result.test_normalized == {"A": pytest.approx(0.6 / 0.8), "B": 1.0}
-    assert result.test_mean_accuracy == pytest.approx(0.8)
-    assert result.test_mean_normalized == pytest.approx((0.75 + 1.0) / 2)
+    assert result.per_task["A"]["test"] == pytest.approx(0.6)
+    assert result.per_task["A"]["test_norm"] == pytest.approx(0.6 / 0.8)
+    assert result.per_task["B"] == {"val": 1.0, "val_norm": 1.0 / 0.8, "test": 1.0,
+                                    "test_norm": 1.0}
+    assert result.test_abs == pytest.approx(0.8)
+    assert result.test_norm == pytest.approx((0.75 + 1.0) / 2)
     assert torch.equal(net.weight, torch.eye(4))  # θ0 untouched afterwards
-    record = result.to_dict()
-    assert record["alpha"] == 0.5 and len(record["val_mean_normalized"]) == 21
-    import json
-    json.dumps(record)
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["alpha"] == 0.5 and len(record["val_curve"]["norm"]) == 21
 
 
 def test_normalized_accuracy_definition() -> None:
@@ -172,8 +178,8 @@ def test_single_vector_task_arithmetic_at_one_is_the_finetuned_model(
     task = TaskEval("T", head, data, data)
     result = addition(base, {"T": task}, {"T": vector}, {"T": {"val": ft_acc, "test": ft_acc}},
                       alphas=[1.0])
-    assert result.test_accuracy["T"] == ft_acc
-    assert result.test_normalized["T"] == 1.0
+    assert result.per_task["T"]["test"] == ft_acc
+    assert result.per_task["T"]["test_norm"] == 1.0
     assert grid_accuracy(base, head, data, merged, [1.0]) == [ft_acc]
 
 
@@ -204,24 +210,26 @@ def test_negation_respects_the_control_constraint(paradigm: str) -> None:
     result = negation(net, target, control, _negation_vector(net, paradigm))
     assert result.pretrained == {"target": {"val": 1.0, "test": 1.0},
                                  "control": {"val": 1.0, "test": 1.0}}
-    by_threshold = {c.threshold: c for c in result.choices}
+    by_threshold = {c.threshold: c for c in result.thresholds}
     # 0.95: control must stay at 1.0 → α ≤ 0.35, where the target is lowest at α = 0.35
     assert by_threshold[0.95].alpha == 0.35 and by_threshold[0.95].feasible
-    assert by_threshold[0.95].target_val == pytest.approx(4 / 6)
+    assert by_threshold[0.95].val_target == pytest.approx(4 / 6)
     # 0.90: α ≤ 0.7; the target reaches 3/6 from α = 0.55 (ties → smaller α)
     assert by_threshold[0.90].alpha == 0.55
-    assert by_threshold[0.90].control_val == pytest.approx(0.9)
+    assert by_threshold[0.90].val_control == pytest.approx(0.9)
     # 0.80: α ≤ 0.9; the target reaches 2/6 from α = 0.85
     assert by_threshold[0.80].alpha == 0.85
     # test splits at the chosen α: target v > 1 − α misread; control the same
-    for choice in result.choices:
+    for choice in result.thresholds:
         misread = [v > 1 - choice.alpha for v in (0.5, 0.95, 0.75, 0.05)]
-        assert choice.target_test == (4 - misread[0] - misread[1]) / 4
-        assert choice.control_test == (4 - misread[2] - misread[3]) / 4
-    assert [c.target_test for c in result.choices] == [0.75, 0.5, 0.5]
-    assert result.alphas[0] == 0.0 and len(result.alphas) == 21
+        assert choice.test_target == (4 - misread[0] - misread[1]) / 4
+        assert choice.test_control == (4 - misread[2] - misread[3]) / 4
+    assert [c.test_target for c in result.thresholds] == [0.75, 0.5, 0.5]
+    assert result.val_curve["alphas"][0] == 0.0 and len(result.val_curve["alphas"]) == 21
+    assert result.val_curve["target"][0] == result.val_curve["control"][0] == 1.0
     assert torch.equal(net.weight, torch.eye(4))
-    assert result.to_dict()["choices"][0]["threshold"] == 0.95
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["thresholds"][0]["threshold"] == 0.95
 
 
 def test_negation_reports_infeasible_explicitly() -> None:
@@ -231,11 +239,11 @@ def test_negation_reports_infeasible_explicitly() -> None:
     fragile = TaskEval("fragile", _head(2), _split(2, [2.0, 2.0, 2.0, 0.97, 0.98], 1.0),
                        _split(2, [2.0, 0.5], 1.0))
     result = negation(net, target, fragile, _negation_vector(net), thresholds=(0.95, 0.5))
-    strict, loose = result.choices
+    strict, loose = result.thresholds
     assert (strict.feasible, strict.alpha) == (False, 0.0)
-    assert strict.target_val == 1.0 and strict.target_test == result.pretrained["target"]["test"]
+    assert strict.val_target == 1.0 and strict.test_target == result.pretrained["target"]["test"]
     assert loose.feasible and loose.alpha > 0
-    assert result.to_dict()["choices"][0]["feasible"] is False
+    assert result.to_dict()["thresholds"][0]["feasible"] is False
 
 
 def test_negation_rejects_bad_input() -> None:
