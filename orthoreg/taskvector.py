@@ -229,6 +229,29 @@ class TaskVector(Mapping[str, Tensor]):
             raise TaskVectorMismatch(f"{path}: holds no tensors")
         return cls(tensors, meta)
 
+    # ----------------------------------------------------------------- Hugging Face
+    @classmethod
+    def from_pretrained(cls, base: Any, finetuned: Any, **kw: Any) -> TaskVector:
+        """τ from two transformers models or checkpoint directories, in the base's names.
+
+        Imported lazily so the core package never needs transformers; see
+        :func:`orthoreg.integrations.hf.task_vector_from_pretrained`.
+        """
+        from orthoreg.integrations.hf import task_vector_from_pretrained
+
+        return task_vector_from_pretrained(base, finetuned, **kw)
+
+    @classmethod
+    def from_peft(cls, adapter: Any, **kw: Any) -> TaskVector:
+        """Dense s·B·A per adapted module from a PEFT model or a saved adapter directory.
+
+        See :func:`orthoreg.integrations.hf.task_vector_from_peft` (``base=`` renames into
+        a base model's parameter names and records its fingerprint).
+        """
+        from orthoreg.integrations.hf import task_vector_from_peft
+
+        return task_vector_from_peft(adapter, **kw)
+
 
 def _as_list(value: Any) -> list[Any]:
     if value is None:
