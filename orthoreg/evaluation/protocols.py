@@ -175,7 +175,8 @@ def addition(
     device = model_device(resident.backbone)
     splits = {name: tasks[name].batches(device, batch_size) for name in names}
 
-    merged = merge_vectors(merge, vector_list, merge_params)
+    # moved to the backbone's device once, not once per task and split
+    merged = resident.localize(merge_vectors(merge, vector_list, merge_params))
     val_accuracy = {
         name: grid_accuracy(resident, tasks[name].head, splits[name][0], merged, grid, paradigm)
         for name in names
@@ -282,14 +283,14 @@ def negation(
     if not levels or not all(0 < q <= 1 for q in levels):  # NaN fails too
         raise ValueError(f"thresholds must lie in (0, 1], got {list(thresholds)!r}")
     resident = as_resident(backbone)
-    resident.check(vector_list[0])
+    resident.check(vector_list[0])  # before any data is prepared
     device = model_device(resident.backbone)
     target_val_b, target_test_b = target.batches(device, batch_size)
     control_val_b, control_test_b = control.batches(device, batch_size)
 
     points = [0.0, *(a for a in dict.fromkeys(given) if a != 0.0)]
     negated = [-a for a in points]
-    vec = vector_list[0]
+    vec = resident.localize(vector_list[0])
     target_val = grid_accuracy(resident, target.head, target_val_b, vec, negated, paradigm)
     control_val = grid_accuracy(resident, control.head, control_val_b, vec, negated, paradigm)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m orthoreg.bench <name>``; measured figures, not timed tests."""

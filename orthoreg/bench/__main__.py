@@ -1,0 +1,23 @@
+"""``python -m orthoreg.bench <name> [options]``: dispatch to a benchmark's ``main(argv)``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from orthoreg.bench import search
+
+BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {"search": search.main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in BENCHMARKS:
+        print(f"usage: python -m orthoreg.bench {{{','.join(sorted(BENCHMARKS))}}} [options]",
+              file=sys.stderr)
+        return 2
+    return BENCHMARKS[args[0]](args[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""How fast is the exact coefficient search?  ``python -m orthoreg.bench search``
+
+Two measurements in one run, on MobileNetV2 (the embedded backbone, 64 px random inputs):
+
+(a) tangent (``linear``) vectors — the one-JVP grid (f0 and J·τ once per batch, features
+    f0 + α·J·τ for all 21 α) against evaluating the linearised model separately at every α
+    (``set_delta`` + forward, one JVP per α and batch). Goal: ≥ 7× faster.
+(b) weight-space (``full``) vectors — the in-place search (θ0 + α·τ written into the live
+    weights, restored afterwards) against what the reference code does: reload the base
+    checkpoint (safetensors → ``load_state_dict``) and apply α·τ at every α; and the search's
+    wall time over the same number of bare forward passes. Goal: ≤ 1.10.
+
+A benchmark, not a test: numbers depend on the machine and its load. Figures are printed
+as a table; ``--json PATH`` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from orthoreg.evaluation import EvalBatches, ResidentModel, grid_accuracy
+from orthoreg.paradigms import LinearizedModel
+from orthoreg.taskvector import TaskVector
+from orthoreg.utils.provenance import fingerprint_state
+
+LINEAR_GOAL = 7.0  # one-JVP grid at least this many times faster than per-α evaluation
+OVERHEAD_GOAL = 1.10  # in-place search at most this × the bare forward passes
+
+
+# ----------------------------------------------------------------------------- model
+class _InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                   nn.BatchNorm2d(hidden), nn.ReLU6(),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+class StandInMobileNetV2(nn.Module):
+    """MobileNetV2's layout (2.2 M parameters, 1280 features), used only if the zoo is absent."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32),
+                                   nn.ReLU6()]
+        cin = 32
+        for expand, cout, repeats, stride in self.SETTINGS:
+            for i in range(repeats):
+                layers.append(_InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6(),
+                   nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+def load_backbone(pretrained: bool) -> tuple[nn.Module, str]:
+    """The zoo's MobileNetV2 if it imports (random init unless ``pretrained``), else the stand-in."""
+    try:
+        from orthoreg.zoo.models import get_model
+
+        return get_model("mobilenet_v2", pretrained=pretrained).eval(), (
+            "zoo mobilenet_v2" + (" (pretrained)" if pretrained else " (random init)"))
+    except Exception as error:  # the zoo is optional here: time the same layout without it
+        torch.manual_seed(0)
+        return StandInMobileNetV2().eval(), f"stand-in MobileNetV2 layout (zoo: {error!r:.80})"
+
+
+# ----------------------------------------------------------------------------- timing
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def bare_passes(backbone: nn.Module, head: nn.Module, batches: EvalBatches, passes: int) -> None:
+    """What any evaluation must at least do: ``passes`` forward passes over the data."""
+    with torch.inference_mode():
+        for _ in range(passes):
+            for x in batches:
+                head(backbone(x)).argmax(-1)
+
+
+def reload_search(backbone: nn.Module, head: nn.Module, batches: EvalBatches, checkpoint: Path,
+                  vector: TaskVector, alphas: Sequence[float]) -> list[float]:
+    """The reference code's loop: reload θ0 from disk, apply α·τ, evaluate — per α."""
+    out = []
+    for alpha in alphas:
+        backbone.load_state_dict(load_file(str(checkpoint)))
+        vector.apply_to(backbone, alpha)
+        with torch.inference_mode():
+            preds = torch.cat([head(backbone(x)).argmax(-1) for x in batches])
+        out.append(float(batches.accuracy(preds)))
+    backbone.load_state_dict(load_file(str(checkpoint)))
+    return out
+
+
+def per_alpha_linear(backbone: nn.Module, head: nn.Module, batches: EvalBatches,
+                     vector: TaskVector, alphas: Sequence[float]) -> list[float]:
+    """The linearised model evaluated separately at each α: one JVP per α and batch."""
+    model = LinearizedModel(backbone, list(vector.keys())).eval()
+    out = []
+    with torch.no_grad():
+        for alpha in alphas:
+            model.set_delta(vector, alpha)
+            preds = torch.cat([head(model(x)).argmax(-1) for x in batches])
+            out.append(float(batches.accuracy(preds)))
+    return out
+
+
+def random_vector(backbone: nn.Module, paradigm: str, scale: float, seed: int) -> TaskVector:
+    """τ with entries ~ scale × each tensor's std: a fine-tuning-sized update."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, param in backbone.named_parameters():
+        std = float(param.detach().std()) if param.numel() > 1 else 1.0
+        tensors[name] = scale * (std or 1.0) * torch.randn(param.shape, generator=generator)
+    return TaskVector(tensors, {"paradigm": paradigm,
+                                "base_fingerprint": fingerprint_state(backbone.state_dict())})
+
+
+# ----------------------------------------------------------------------------- main
+def run(images: int = 512, linear_images: int = 128, size: int = 64, num_alphas: int = 21,
+        batch_size: int = 128, classes: int = 10, pretrained: bool = False,
+        repeats: int = 2, seed: int = 0) -> dict[str, Any]:
+    """All measurements; returns the figures (seconds, ratios, goals) as plain data."""
+    generator = torch.Generator().manual_seed(seed)
+    backbone, model_name = load_backbone(pretrained)
+    with torch.inference_mode():
+        dim = backbone(torch.zeros(1, 3, size, size)).shape[-1]
+    head = nn.Linear(dim, classes).eval().requires_grad_(False)
+    inputs = torch.randn(images, 3, size, size, generator=generator)
+    labels = torch.randint(0, classes, (images,), generator=generator)
+    alphas = [i / (num_alphas - 1) for i in range(num_alphas)]
+    batches = EvalBatches((inputs, labels), batch_size)
+    linear_batches = EvalBatches((inputs[:linear_images], labels[:linear_images]), batch_size)
+    theta0 = {k: v.clone() for k, v in backbone.state_dict().items()}
+
+    # warm-up: first forward pass, and torch's one-off forward-AD setup (scripts decompositions)
+    small = EvalBatches((inputs[:8], labels[:8]), 8)
+    bare_passes(backbone, head, small, 1)
+    per_alpha_linear(backbone, head, small, random_vector(backbone, "linear", 1e-2, seed), [1.0])
+
+    # (b) weight space: bare passes, in-place search, reload per α (bare and search interleaved
+    # ``repeats`` times and the minimum kept, so that a load spike does not decide the ratio)
+    full = random_vector(backbone, "full", 1e-2, seed + 1)
+    bare_t, search_t = [], []
+    for _ in range(max(1, repeats)):
+        bare_t.append(timed(lambda: bare_passes(backbone, head, batches, num_alphas))[0])
+        seconds, search_acc = timed(lambda: grid_accuracy(ResidentModel(backbone), head, batches,
+                                                          full, alphas))
+        search_t.append(seconds)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "theta0.safetensors"
+        save_file({k: v.contiguous() for k, v in theta0.items()}, str(checkpoint))
+        reload_seconds, reload_acc = timed(
+            lambda: reload_search(backbone, head, batches, checkpoint, full, alphas))
+    assert search_acc == reload_acc, "in-place search and reload disagree"
+
+    # (a) tangent space: one-JVP grid vs the linearised model at each α
+    tangent = random_vector(backbone, "linear", 1e-2, seed + 2)
+    grid_seconds, grid_acc = timed(lambda: grid_accuracy(ResidentModel(backbone), head,
+                                                         linear_batches, tangent, alphas))
+    per_alpha_seconds, per_alpha_acc = timed(
+        lambda: per_alpha_linear(backbone, head, linear_batches, tangent, alphas))
+    agree = sum(a == b for a, b in zip(grid_acc, per_alpha_acc))
+
+    assert all(torch.equal(v, theta0[k]) for k, v in backbone.state_dict().items()), \
+        "θ0 was not restored"
+    bare, search = min(bare_t), min(search_t)
+    return {
+        "model": model_name,
+        "parameters": sum(p.numel() for p in backbone.parameters()),
+        "images": images, "linear_images": linear_images, "size": size, "alphas": num_alphas,
+        "batch_size": batch_size, "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}",
+        "seconds": {
+            "bare_forward_passes": bare_t, "inplace_search": search_t,
+            "reload_per_alpha": reload_seconds,
+            "linear_one_jvp_grid": grid_seconds, "linear_per_alpha": per_alpha_seconds,
+        },
+        "ratios": {
+            "linear_per_alpha_over_grid": per_alpha_seconds / grid_seconds,
+            "reload_over_inplace": reload_seconds / search,
+            "inplace_over_bare": search / bare,
+        },
+        "goals": {"linear_per_alpha_over_grid": f">= {LINEAR_GOAL}",
+                  "inplace_over_bare": f"<= {OVERHEAD_GOAL}"},
+        "met": {"linear_per_alpha_over_grid": per_alpha_seconds / grid_seconds >= LINEAR_GOAL,
+                "inplace_over_bare": search / bare <= OVERHEAD_GOAL},
+        "linear_grid_agrees_with_per_alpha": f"{agree}/{num_alphas} accuracies identical",
+    }
+
+
+def report(figures: dict[str, Any]) -> str:
+    s, r = figures["seconds"], figures["ratios"]
+    n = figures["alphas"]
+    rows = [
+        ("(b) bare forward passes", f"{n} × {figures['images']} img",
+         f"{min(s['bare_forward_passes']):.2f}", ""),
+        ("(b) in-place search", f"{n} α", f"{min(s['inplace_search']):.2f}",
+         f"{r['inplace_over_bare']:.3f} × bare (goal ≤ {OVERHEAD_GOAL})"),
+        ("(b) reload checkpoint per α", f"{n} α", f"{s['reload_per_alpha']:.2f}",
+         f"{r['reload_over_inplace']:.3f} × in-place"),
+        ("(a) linear: one-JVP grid", f"{n} α, {figures['linear_images']} img",
+         f"{s['linear_one_jvp_grid']:.2f}", ""),
+        ("(a) linear: per-α JVP", f"{n} α, {figures['linear_images']} img",
+         f"{s['linear_per_alpha']:.2f}",
+         f"{r['linear_per_alpha_over_grid']:.2f} × slower than grid (goal ≥ {LINEAR_GOAL})"),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"model: {figures['model']}, {figures['parameters'] / 1e6:.2f} M parameters, "
+             f"{figures['size']} px, batch {figures['batch_size']}, "
+             f"{figures['threads']} threads; {figures['machine']}"]
+    lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}} s  {d}" for a, b, c, d in rows]
+    lines.append(f"linear grid vs per-α accuracies: {figures['linear_grid_agrees_with_per_alpha']}")
+    lines.append("goals met: " + ", ".join(f"{k}={v}" for k, v in figures["met"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orthoreg.bench search",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=512, help="validation images (b)")
+    parser.add_argument("--linear-images", type=int, default=128,
+                        help="validation images for (a); the per-α baseline is 21 JVP passes")
+    parser.add_argument("--size", type=int, default=64, help="input resolution in pixels")
+    parser.add_argument("--alphas", type=int, default=21, help="grid points in [0, 1]")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="load the embedded ImageNet weights (timing does not need them)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="interleaved repetitions of (b)'s bare and in-place timings (min kept)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    if args.alphas < 2 or args.images < 1 or args.linear_images < 1:
+        parser.error("need --alphas ≥ 2 and at least one image")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures = run(images=args.images, linear_images=min(args.linear_images, args.images),
+                  size=args.size, num_alphas=args.alphas, batch_size=args.batch_size,
+                  pretrained=args.pretrained, repeats=args.repeats, seed=args.seed)
+    print(report(figures))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
