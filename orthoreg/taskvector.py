@@ -195,8 +195,9 @@ class TaskVector(Mapping[str, Tensor]):
     ) -> nn.Module | dict[str, Tensor]:
         """θ + α·τ. A module is updated in place (and returned); a state dict is copied.
 
-        The base fingerprint is checked when the vector carries one and the target is a
-        state dict equal in keys, so a vector is not applied to the wrong θ0 unnoticed.
+        Names and shapes are checked, not the base fingerprint: the target may rightly be
+        an already edited model (θ0 + τ1, then + τ2), whose fingerprint is not θ0's. Where
+        the target must be θ0, compare ``fingerprint_state`` with ``base_fingerprint``.
         """
         if isinstance(target, nn.Module):
             state = dict(target.named_parameters())

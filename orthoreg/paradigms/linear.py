@@ -9,12 +9,14 @@ f0 + α·(J·τ): the coefficient search evaluates a whole α grid from one JVP 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from orthoreg.paradigms.base import (
     FineTunable,
@@ -30,6 +32,25 @@ from orthoreg.taskvector import TaskVector
 
 def _mangle(name: str) -> str:
     return name.replace(".", "__")
+
+
+@contextmanager
+def _forward_ad_attention() -> Iterator[None]:
+    """Run attention through composite ops, which (unlike the fused kernels) have JVP rules.
+
+    ``nn.MultiheadAttention`` in eval mode under ``no_grad`` takes the fused
+    ``_native_multi_head_attention`` kernel, and ``scaled_dot_product_attention`` picks the
+    flash/efficient kernels; neither supports forward AD, so a linearised ViT would fail
+    (NotImplementedError) as soon as it is trained or evaluated. The math backend is the
+    same attention, written in matmuls and a softmax.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 class LinearizedModel(FineTunable):
@@ -70,7 +91,8 @@ class LinearizedModel(FineTunable):
         def f(params: dict[str, Tensor]) -> Tensor:
             return functional_call(self.backbone, {**fixed, **params}, (x,))
 
-        return jvp(f, (primals,), (tangents,))
+        with _forward_ad_attention():
+            return jvp(f, (primals,), (tangents,))
 
     def forward(self, x: Tensor) -> Tensor:
         f0, jd = self.value_and_jvp(x, self.deltas())

@@ -8,21 +8,46 @@ OrthoReg sees the adapters and uses the exact low-rank penalty (never forming Δ
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from orthoreg.paradigms.base import FineTunable, Paradigm, fingerprint_module, freeze_normalization
 from orthoreg.regularizer import OrthoReg
 
 #: module-name presets for LoRA targets
 LORA_TARGETS: dict[str, list[str] | str] = {
-    # open_clip / torch ViTs: fused QKV (nn.MultiheadAttention) and its output projection
-    "vit_attention": r".*\.attn$",
+    # open_clip / torch ViTs: fused QKV (nn.MultiheadAttention) and its output projection;
+    # PEFT full-matches the regex, so the optional prefix also admits a top-level ``attn``
+    # (as the ``partial`` preset of the same name does)
+    "vit_attention": r"(.*\.)?attn$",
     # HF BERT-style encoders (MiniLM): separate query/key/value and attention output
     "bert_attention": ["query", "key", "value", "attention.output.dense"],
 }
+
+
+def _mha_lora_forward(layer: nn.Module, query: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """PEFT's LoRA ``nn.MultiheadAttention`` forward, with the deltas added functionally.
+
+    PEFT 0.21 merges the adapters into the base weights before every call and unmerges
+    after it. That (a) adds the out_proj delta twice (W + 2·s·B·A, huggingface/peft#3774)
+    while ``get_delta_weight`` reports s·B·A, so the task vector would not reproduce the
+    trained model, and (b) rewrites the frozen base weights as (W + Δ) − Δ on every call,
+    drifting θ0 by round-off and breaking bit-identical resumption. Here the base weights
+    are never written: ``functional_call`` substitutes W + Δ for the duration of the call.
+    """
+    base = layer.get_base_layer()
+    out_proj = base.out_proj  # PEFT's LoRA Linear around the original out_proj
+    w_in, w_out = base.in_proj_weight, out_proj.get_base_layer().weight
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            w_in = w_in + layer.get_delta_weight(adapter).to(w_in.dtype)
+            w_out = w_out + out_proj.get_delta_weight(adapter).to(w_out.dtype)
+    substitutes = {"in_proj_weight": w_in, "out_proj.base_layer.weight": w_out}
+    return functional_call(base, substitutes, (query, *args), kwargs)
 
 
 def _base_param_name(module_path: str, module: nn.Module) -> str:
@@ -55,6 +80,9 @@ class LoraFineTunable(FineTunable):
         ]
         if not self.adapted:
             raise ValueError(f"LoRA: targets {targets!r} match no module")
+        for _, module in self.adapted:
+            if isinstance(module.get_base_layer(), nn.MultiheadAttention):
+                module.forward = types.MethodType(_mha_lora_forward, module)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)

@@ -23,6 +23,8 @@ from safetensors.torch import save as _st_save
 from orthoreg.errors import OrthoRegError
 
 METADATA_KEY = "orthoreg"
+#: header field with the tensors' names in the writer's order (safetensors keeps no order)
+ORDER_KEY = "orthoreg.order"
 
 
 class OrthoRegFileError(OrthoRegError, ValueError):
@@ -67,7 +69,8 @@ def save_tensors(
 ) -> Path:
     """Store tensors plus a JSON-serialisable record, atomically, as safetensors."""
     prepared = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    header = {METADATA_KEY: json.dumps(dict(metadata or {}), default=str)}
+    header = {METADATA_KEY: json.dumps(dict(metadata or {}), default=str),
+              ORDER_KEY: json.dumps(list(prepared))}
     return atomic_write_bytes(path, _st_save(prepared, metadata=header))
 
 
@@ -96,13 +99,21 @@ def read_tensors(
         tensors = _st_load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError, RuntimeError) as exc:
         raise OrthoRegFileError(f"{path}: corrupted safetensors file ({exc})") from exc
-    meta_field = (raw_header.get("__metadata__") or {}).get(METADATA_KEY, "{}")
+    header_meta = raw_header.get("__metadata__") or {}
     try:
-        metadata = json.loads(meta_field)
+        metadata = json.loads(header_meta.get(METADATA_KEY, "{}"))
+        order = json.loads(header_meta.get(ORDER_KEY, "[]"))
     except json.JSONDecodeError as exc:
         raise OrthoRegFileError(f"{path}: corrupted metadata record ({exc})") from exc
     if not isinstance(metadata, dict):
         raise OrthoRegFileError(f"{path}: metadata record is not a JSON object")
+    # safetensors returns names in a per-process random order; restore the writer's order
+    # (or the header's, for files from elsewhere) so that loaded vectors iterate, sum and
+    # report the same way in every process
+    if not (isinstance(order, list) and all(isinstance(name, str) for name in order)
+            and sorted(order) == sorted(tensors)):
+        order = [name for name in raw_header if name != "__metadata__"]
+    tensors = {name: tensors[name] for name in order}
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, metadata
