@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import pickle
 import zlib
@@ -261,6 +262,19 @@ def load_synthetic_blobs(
     )
 
 
+def load_lfw_subset() -> RawDataset:
+    """scikit-image's 200 25×25 LFW crops: 100 faces then 100 non-faces (if skimage is here)."""
+    from skimage import __version__ as skimage_version
+    from skimage import data
+
+    images = np.clip(np.rint(np.asarray(data.lfw_subset()) * 255), 0, 255).astype(np.uint8)
+    labels = np.repeat(np.array([0, 1], dtype=np.int64), [100, len(images) - 100])
+    return RawDataset(
+        images[:, None], labels, ("face", "non-face"), None,
+        {"package": "scikit-image", "version": skimage_version},
+    )
+
+
 # name -> loader; loaders are cached so a process decodes each dataset once.
 TASKS: dict[str, Callable[[], RawDataset]] = {
     "mnist": cache(load_mnist),
@@ -269,6 +283,8 @@ TASKS: dict[str, Callable[[], RawDataset]] = {
     "digits": cache(load_digits),
     "synthetic_blobs": cache(load_synthetic_blobs),
 }
+if importlib.util.find_spec("skimage") is not None:  # optional: never a dependency
+    TASKS["lfw_subset"] = cache(load_lfw_subset)
 
 
 # ---------------------------------------------------------------------------------------

@@ -240,7 +240,12 @@ EFFICIENTNET_LITE0_STAGES = (
 
 
 class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 feature extractor (D=1280), TF 'SAME' padding and BN epsilon."""
+    """EfficientNet-Lite0 feature extractor (D=1280), TF 'SAME' padding and BN epsilon.
+
+    Stochastic depth (drop-connect) and classifier dropout of the original training recipe
+    are left out: the network is a deterministic function of its weights, which task
+    arithmetic and the linearised (JVP) paradigm assume.
+    """
 
     def __init__(self) -> None:
         super().__init__(

@@ -217,3 +217,10 @@ def test_mnist_pickle_decoder_is_restricted(require_asset, monkeypatch: pytest.M
     assert seen and arrays["images"].dtype == np.uint8
     assert arrays["images"].shape == (70_000, 1, 28, 28)
     assert np.array_equal(arrays["images"], datasets.TASKS["mnist"]().images)  # the .npz cache agrees
+
+
+def test_lfw_subset_when_scikit_image_is_installed() -> None:
+    pytest.importorskip("skimage")
+    task = get_task("lfw_subset")
+    _check_task(task, 1, 25)
+    assert task.classes == ["face", "non-face"]
