@@ -215,12 +215,18 @@ class Trainer:
             if what == "penalty" and self.reg is not None:
                 layer = _first_nonfinite(self.reg.per_layer())
                 detail = f" (first offending matrix: {layer})"
-            raise NonFiniteError(f"step {self.step}: {what} is {float(value)}{detail}; "
+            # 1-based like the history's "step" (self.step steps have completed)
+            raise NonFiniteError(f"step {self.step + 1}: {what} is {float(value)}{detail}; "
                                  "the last checkpoint is intact")
 
     def run(self) -> TrainResult:
         cfg = self.config
         start_step = self.try_resume()
+        if start_step == 0:
+            # dropout masks and Hutchinson probes draw from the global generator: seed it
+            # from the config so a run does not depend on what the caller drew before (a
+            # resumed run restores the checkpointed generator state instead)
+            torch.manual_seed(cfg.seed)
         device = next(iter(self.params.values())).device
         self.model.train()
         self.head.eval()
@@ -250,13 +256,14 @@ class Trainer:
                 penalty = self.reg()
                 self._check_finite("penalty", penalty.detach())
                 (cfg.lam * penalty).backward()
-                penalty_value = float(penalty)
+                penalty_value = float(penalty.detach())
             grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
             norm = (nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
                     if cfg.grad_clip else nn.utils.get_total_norm(list(grads.values())))
             if not torch.isfinite(norm):
-                raise NonFiniteError(f"step {self.step}: gradient of {_first_nonfinite(grads)!r} "
-                                     "is not finite; the last checkpoint is intact")
+                raise NonFiniteError(f"step {self.step + 1}: gradient of "
+                                     f"{_first_nonfinite(grads)!r} is not finite; "
+                                     "the last checkpoint is intact")
             self.optimizer.step()
             self.step += 1
             record = {"step": self.step, "lr": lr, "task_loss": task_total,

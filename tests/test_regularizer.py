@@ -314,3 +314,16 @@ def test_unknown_estimator_and_bad_probes_are_rejected(conv_net):
         OrthoReg(conv_net(), estimator="magic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="probes"):
         OrthoReg(conv_net(), estimator="hutchinson", probes=0)
+
+
+def test_orthoreg_hutchinson_estimator_averages_to_exact_squared_penalty(conv_net):
+    """The estimator option plugs the unbiased probe estimate into the same selection."""
+    model = conv_net()
+    reference = {n: p.detach() - 0.2 for n, p in model.named_parameters()}
+    exact = float(OrthoReg(model, reference=reference, squared=True)().detach())
+    reg = OrthoReg(model, reference=reference, squared=True, estimator="hutchinson", probes=4,
+                   generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        estimates = torch.stack([reg() for _ in range(400)])
+    stderr = float(estimates.std()) / math.sqrt(len(estimates))
+    assert abs(float(estimates.mean()) - exact) < 4 * stderr < 0.1 * exact
