@@ -50,6 +50,7 @@ the *base model's* parameter name, so full and LoRA vectors merge alike;
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import inspect
 import json
@@ -434,6 +435,7 @@ def task_vector_from_pretrained(
     base: StateSource,
     finetuned: StateSource,
     *,
+    include: Sequence[str] | None = None,
     paradigm: str = "full",
     dtype: torch.dtype | None = torch.float32,
     metadata: Mapping[str, Any] | None = None,
@@ -442,8 +444,11 @@ def task_vector_from_pretrained(
 
     ``base`` and ``finetuned`` are transformers models (or any modules), state dicts, or
     checkpoint directories; a task head present only in ``finetuned`` is not part of θ0 and
-    is left out (listed under ``metadata["not_in_base"]``). Differences are taken in
-    ``dtype`` (float32 by default: bf16 differences of nearby weights lose most bits).
+    is left out (listed under ``metadata["not_in_base"]``). ``include`` (name globs, in the
+    base's names) keeps only some tensors, e.g. the attention weights of attention-only
+    fine-tuning. Restrict here rather than by hand afterwards: the recorded base fingerprint
+    covers exactly the vector's keys. Differences are taken in ``dtype`` (float32 by
+    default: bf16 differences of nearby weights lose most bits).
     """
     base_state = load_state(base)
     ft_state = load_state(finetuned)
@@ -453,9 +458,12 @@ def task_vector_from_pretrained(
         if name in mapping and torch.is_floating_point(ft_state[name])
         and torch.is_floating_point(base_state[mapping[name]])
     ]
+    if include is not None:
+        keys = [k for k in keys if any(fnmatch.fnmatchcase(k, pattern) for pattern in include)]
     if not keys:
+        what = "floating tensor matching include" if include else "floating tensor"
         raise TaskVectorMismatch(
-            "base and fine-tuned models share no floating tensor (first fine-tuned name: "
+            f"base and fine-tuned models share no {what} (first fine-tuned name: "
             f"{next(iter(ft_state), None)!r}, first base name: {next(iter(base_state), None)!r})"
         )
     renamed = {mapping[name]: tensor for name, tensor in ft_state.items() if name in mapping}
@@ -683,6 +691,13 @@ def _as_vectors(vector: TaskVector | Sequence[TaskVector]) -> list[TaskVector]:
     return vectors
 
 
+def _lambda_text(record: Mapping[str, Any]) -> str:
+    if record.get("lambda") is None:
+        return "not recorded"
+    form = "squared ‖G − I‖²_F" if record.get("squared") else "plain ‖G − I‖_F"
+    return f"{record['lambda']} ({form} penalty)"
+
+
 def _card_text(record: Mapping[str, Any]) -> str:
     """A small model card: YAML front matter for the Hub, then a human-readable record."""
     lines = [
@@ -705,9 +720,7 @@ def _card_text(record: Mapping[str, Any]) -> str:
         "",
         f"- base model: `{record.get('base_name_or_path')}` "
         f"(fingerprint `{record.get('base_fingerprint')}`)",
-        f"- OrthoReg λ: {record.get('lambda')} "
-        f"({'squared ‖G−I‖²_F' if record.get('squared') else 'plain ‖G−I‖_F'} "
-        "penalty; λ = null means not recorded)",
+        f"- OrthoReg λ: {_lambda_text(record)}",
         "",
         "| # | task | paradigm | λ | tensors | ‖τ‖ |",
         "|---|---|---|---|---|---|",
