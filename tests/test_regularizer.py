@@ -288,7 +288,7 @@ def test_explicit_reference_and_model_argument(conv_net):
 
 
 @pytest.mark.parametrize("squared", [False, True])
-@pytest.mark.parametrize("model_name,targets", [("conv", ["fc", "pointwise"]),
+@pytest.mark.parametrize("model_name,targets", [("conv", ["conv", "pointwise", "fc"]),
                                                 ("attn", "vit_attention")])
 def test_lora_adapters_use_lowrank_form_equal_to_dense_merged_penalty(
         conv_net, attn_net, model_name, targets, squared):
@@ -301,7 +301,7 @@ def test_lora_adapters_use_lowrank_form_equal_to_dense_merged_penalty(
                 param.normal_(0.0, 0.5)
     reg = model.regularizer(squared=squared)
     assert reg.names == []  # no dense matrix: only adapters are trained
-    assert len(reg.lowrank) == len(model.deltas()) == 2
+    assert len(reg.lowrank) == len(model.deltas()) == (3 if model_name == "conv" else 2)
     assert all(term.scale == 2.0 for term in reg.lowrank)
     with torch.no_grad():
         expected = sum(float(dense_reference(d, squared)) for d in model.deltas().values())
@@ -327,3 +327,14 @@ def test_orthoreg_hutchinson_estimator_averages_to_exact_squared_penalty(conv_ne
         estimates = torch.stack([reg() for _ in range(400)])
     stderr = float(estimates.std()) / math.sqrt(len(estimates))
     assert abs(float(estimates.mean()) - exact) < 4 * stderr < 0.1 * exact
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reference_lives_on_the_weights_device(conv_net):
+    """On an accelerator θ0 is held on the weights' device and R matches the CPU value."""
+    cpu_model = conv_net()
+    reference = {n: p.detach() + 0.1 for n, p in cpu_model.named_parameters()}
+    on_cpu = float(OrthoReg(cpu_model, reference=reference)().detach())
+    reg = OrthoReg(conv_net().cuda(), reference=reference)
+    assert all(group.reference.device.type == "cuda" for group in reg._groups)
+    assert float(reg().detach()) == pytest.approx(on_cpu, rel=1e-4)

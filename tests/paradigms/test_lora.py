@@ -23,16 +23,17 @@ def randomise_lora_b(model: nn.Module, seed: int = 0) -> None:
 def test_conv_and_linear_task_vector_equals_peft_merged_difference(conv_net):
     """τ = W_merged − W0, where PEFT's own ``merge()`` gives W_merged (deep copy)."""
     base = conv_net()
-    model = Lora(targets=["pointwise", "fc"], rank=3, alpha=6.0).prepare(conv_net())
+    model = Lora(targets=["conv", "pointwise", "fc"], rank=3, alpha=6.0).prepare(conv_net())
     randomise_lora_b(model)
     vector = model.task_vector()
-    assert sorted(vector) == ["fc.weight", "pointwise.weight"]
+    assert sorted(vector) == ["conv.weight", "fc.weight", "pointwise.weight"]
     assert vector.metadata["paradigm"] == "lora"
     merged = copy.deepcopy(model.backbone)
     for module in merged.modules():
         if hasattr(module, "lora_A") and hasattr(module, "merge"):
             module.merge()
-    merged_weights = {"pointwise.weight": merged.pointwise.base_layer.weight,
+    merged_weights = {"conv.weight": merged.conv.base_layer.weight,
+                      "pointwise.weight": merged.pointwise.base_layer.weight,
                       "fc.weight": merged.fc.base_layer.weight}
     for name, weight in merged_weights.items():
         expected = weight.detach() - dict(base.named_parameters())[name].detach()
@@ -57,7 +58,7 @@ def test_attention_task_vector_names_and_values(attn_net):
         assert vector[name].shape == dict(attn_net().named_parameters())[name].shape
 
 
-@pytest.mark.parametrize("which,targets", [("conv", ["pointwise", "fc"]),
+@pytest.mark.parametrize("which,targets", [("conv", ["conv", "pointwise", "fc"]),
                                            ("conv", "pointwise"),
                                            ("attn", "vit_attention")])
 def test_applying_task_vector_to_base_reproduces_lora_model(conv_net, attn_net, which,
