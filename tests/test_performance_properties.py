@@ -143,7 +143,7 @@ def test_hutchinson_square_root_form_is_biased_low_within_the_documented_bound()
     torch.manual_seed(0)
     model = nn.Linear(10, 20, bias=False).double()
     reference = {"weight": model.weight.detach() + 0.3 * torch.randn(20, 10, dtype=torch.float64)}
-    exact = float(OrthoReg(model, reference=reference)())
+    exact = float(OrthoReg(model, reference=reference)().detach())
     probes = 4
     reg = OrthoReg(model, reference=reference, estimator="hutchinson", probes=probes,
                    generator=torch.Generator().manual_seed(3))
