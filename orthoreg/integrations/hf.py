@@ -33,7 +33,8 @@ first such step checks that the Trainer divided the loss as predicted and stops 
 error otherwise, so a future change of transformers' scaling cannot silently rescale λ.
 
 Logged next to ``loss`` (which is the total objective): ``orthoreg_penalty`` (mean R over
-the optimizer steps since the last log, without λ) and ``task_loss`` (``loss − λ·R``).
+the optimizer steps since the last log, without λ) and ``task_loss`` (``loss − λ·R``, so it
+inherits the float32 rounding of the Trainer's running ``loss``).
 
 θ0 is captured when the trainer is built (or when ``model_init`` builds a model), before
 ``train(resume_from_checkpoint=...)`` loads a checkpoint, so resuming keeps the pretrained
@@ -161,6 +162,12 @@ class OrthoRegMixin:
             reference if reference is not None
             else capture_reference(trainer.model, include, exclude)
         )
+        if not self._orthoreg_reference and not lora_terms(trainer.model):
+            # fail now, not at the first training step
+            raise ValueError(
+                "OrthoReg covers nothing: no trainable ≥2-D weight matches "
+                f"include={include!r} exclude={exclude!r} and the model has no LoRA adapter"
+            )
         self._orthoreg_sum: Tensor | None = None
         self._orthoreg_count = 0
         self._orthoreg_pending: tuple[Tensor, float] | None = None
@@ -179,7 +186,7 @@ class OrthoRegMixin:
                 exclude=self._orthoreg_exclude,
                 squared=self.orthoreg_squared,
             )
-            self._orthoreg_reference = None  # OrthoReg holds its own stacked copy now
+            self._orthoreg_reference = None  # OrthoReg keeps (copies or borrows) what it needs
         return self._orthoreg
 
     def orthoreg_penalty(self) -> Tensor:
@@ -283,10 +290,13 @@ class OrthoRegTrainer(OrthoRegMixin, Trainer):
       plain norm); 0 trains without the penalty but still logs it.
     - ``orthoreg_squared`` — the paper's squared ‖G − I‖²_F instead of the code's ‖G − I‖_F;
       λ does not transfer between the two.
-    - ``orthoreg_include`` / ``orthoreg_exclude`` — parameter-name globs restricting the
-      covered matrices (default: every trainable ≥2-D non-normalisation weight, plus every
-      PEFT LoRA adapter in low-rank form). A freshly initialised classification head is
-      "trained" too; exclude it (e.g. ``["classifier.*"]``) to regularise the encoder only.
+    - ``orthoreg_include`` / ``orthoreg_exclude`` — parameter-name globs choosing the dense
+      matrices covered (default: every trainable ≥2-D non-normalisation weight); PEFT LoRA
+      adapters are always covered, in low-rank form. A freshly initialised classification
+      head is "trained" too; exclude it (e.g. ``["classifier.*"]``) to regularise the
+      encoder only. A trainable token-embedding table is covered like any matrix (its Gram
+      is hidden×hidden, but forming it reads the whole table every step); exclude
+      ``["*embeddings*"]`` if that cost matters more than the paper's "every trained matrix".
     - ``orthoreg_reference`` — θ0 by parameter name, when the model given is not θ0.
     """
 
