@@ -522,7 +522,10 @@ def _weight_name(module_path: str, module: nn.Module) -> str:
 
 
 def _strip_peft_prefix(name: str) -> str:
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    """Drop PeftModel's ``base_model.model.`` wrapper, also when a PeftModel is nested."""
+    if name.startswith(PEFT_PREFIX):
+        return name[len(PEFT_PREFIX):]
+    return name.replace("." + PEFT_PREFIX, ".", 1)
 
 
 def _deltas_from_module(

@@ -92,6 +92,16 @@ def encoder_only(model: nn.Module) -> nn.Module:
     return model
 
 
+def top_layers_only(model: nn.Module, first: int = 4) -> nn.Module:
+    """Train only transformer layers ≥ ``first`` and the head: backward stops early."""
+    for name, param in model.named_parameters():
+        layer = name.split("encoder.layer.")[1].split(".")[0] if "encoder.layer." in name else None
+        param.requires_grad_(
+            name.startswith("classifier") or (layer is not None and int(layer) >= first)
+        )
+    return model
+
+
 def args(tmp_path: Path, **overrides: Any) -> TrainingArguments:
     options: dict[str, Any] = {
         "output_dir": str(tmp_path / "trainer"),
@@ -168,7 +178,7 @@ def test_penalty_once_per_optimizer_step_under_gradient_accumulation(
     counted twice, or divided by the accumulation steps, would move the weights visibly.
     """
     generator = torch.Generator().manual_seed(3)
-    start = encoder_only(copy.deepcopy(classifier))
+    start = top_layers_only(copy.deepcopy(classifier))
     theta0 = {
         name: param.detach() - 0.05 * torch.randn(param.shape, generator=generator)
         for name, param in start.named_parameters()
@@ -272,6 +282,12 @@ def test_from_peft_equals_merged_weight_difference(
         torch.testing.assert_close(delta, merged[name] - base[name], rtol=1e-5, atol=1e-6)
     untouched = [n for n in base if n not in vector and torch.is_floating_point(base[n])]
     assert all(torch.equal(merged[n], base[n]) for n in untouched)
+
+    # a PeftModel nested in a task wrapper gives the same vector once renamed by base=
+    wrapper = nn.Module()
+    wrapper.encoder = peft_model
+    nested = TaskVector.from_peft(wrapper, base=encoder)
+    assert nested.keys() == vector.keys()
 
     # the same update read straight from a saved adapter (no base model needed)
     peft_model.save_pretrained(tmp_path / "adapter")
