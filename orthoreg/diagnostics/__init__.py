@@ -1,0 +1,78 @@
+"""Diagnostics that explain composability (DESIGN.md §2), one module per link of the chain.
+
+OrthoReg's argument (Liu et al. 2026) runs: task-feature specialization → orthogonal task
+vectors → weight disentanglement → good task arithmetic. Each link can be looked at for
+any backbone + heads + task vectors, without an experiment:
+
+- :mod:`~orthoreg.diagnostics.specialization` — TFS: per-layer overlap of the input
+  features each task relies on (:func:`task_feature_specialization`);
+- :mod:`~orthoreg.diagnostics.orthogonality` — cosines between task vectors, per-layer
+  R(ΔW), singular spectra and column-angle histograms of each ΔW;
+- :mod:`~orthoreg.diagnostics.disentanglement` — the weight-disentanglement error
+  ξ(α1, α2) of Ortiz-Jiménez et al. (2023) on a grid, in place on one resident model;
+- :mod:`~orthoreg.diagnostics.plots` — the figures; :mod:`~orthoreg.diagnostics.rundir`
+  — all of it for a finished run directory (``orthoreg diagnose --run DIR``).
+"""
+
+from orthoreg.diagnostics.base import TaskProbe, subsample
+from orthoreg.diagnostics.disentanglement import (
+    DEFAULT_POINTS,
+    DEFAULT_RANGE,
+    DISK_RADIUS,
+    DisentanglementMap,
+    alpha_grid,
+    disentanglement_error,
+)
+from orthoreg.diagnostics.orthogonality import (
+    angle_histogram,
+    column_angles,
+    cosine_matrix,
+    effective_rank,
+    layer_cosines,
+    layer_penalties,
+    matrices,
+    orthogonality_report,
+    singular_values,
+    vector_angles,
+)
+from orthoreg.diagnostics.specialization import (
+    OBJECTIVES,
+    SpecializationResult,
+    attribution_mass,
+    chance_jaccard,
+    feature_layers,
+    jaccard,
+    register_objective,
+    specialized_set,
+    task_feature_specialization,
+)
+
+__all__ = [
+    "DEFAULT_POINTS",
+    "DEFAULT_RANGE",
+    "DISK_RADIUS",
+    "OBJECTIVES",
+    "DisentanglementMap",
+    "SpecializationResult",
+    "TaskProbe",
+    "alpha_grid",
+    "angle_histogram",
+    "attribution_mass",
+    "chance_jaccard",
+    "column_angles",
+    "cosine_matrix",
+    "disentanglement_error",
+    "effective_rank",
+    "feature_layers",
+    "jaccard",
+    "layer_cosines",
+    "layer_penalties",
+    "matrices",
+    "orthogonality_report",
+    "register_objective",
+    "singular_values",
+    "specialized_set",
+    "subsample",
+    "task_feature_specialization",
+    "vector_angles",
+]
