@@ -27,7 +27,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -282,6 +282,9 @@ TASKS: dict[str, Callable[[], RawDataset]] = {
     "animal_mnist": cache(load_animal_mnist),
     "digits": cache(load_digits),
     "synthetic_blobs": cache(load_synthetic_blobs),
+    # independent asset-free variants, so pipelines can be tested with several tasks
+    "synthetic_blobs_b": cache(partial(load_synthetic_blobs, seed=99)),
+    "synthetic_blobs_c": cache(partial(load_synthetic_blobs, num_classes=3, seed=7)),
 }
 if importlib.util.find_spec("skimage") is not None:  # optional: never a dependency
     TASKS["lfw_subset"] = cache(load_lfw_subset)
