@@ -41,12 +41,14 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             continue
         diff = (ortho["addition_abs"] - base["addition_abs"]) * 100
         spread = max(base["addition_abs_std"], ortho["addition_abs_std"]) * 100
-        if ortho["seeds"] > 1 and abs(diff) <= spread:
+        if abs(diff) < 0.05:
+            word = "no difference"
+        elif ortho["seeds"] > 1 and abs(diff) <= spread:
             word = "no clear difference (within the seed spread)"
-        elif diff > 0:
-            word = "OrthoReg better"
         else:
-            word = "OrthoReg worse"
+            word = "OrthoReg better" if diff > 0 else "OrthoReg worse"
+            if ortho["seeds"] == 1:
+                word += "; one seed, so the size of the noise is unknown"
         out.append(
             f"- **{paradigm}**: task addition {base['addition_abs'] * 100:.1f} → "
             f"{ortho['addition_abs'] * 100:.1f} ({diff:+.1f} points; {word}); normalized "
