@@ -172,17 +172,30 @@ class Trainer:
 
     def try_resume(self) -> int:
         path = self.checkpoint_path()
-        if path is None or not path.exists():
+        if path is None:
+            return 0
+        # a run killed inside an atomic write leaves its temporary file behind: this trainer
+        # owns the directory, so sweep them (they are as large as a checkpoint)
+        for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+            orphan.unlink(missing_ok=True)
+        if not path.exists():
             return 0
         tensors, meta = read_tensors(path, device="cpu")
         if meta.get("kind") != "orthoreg.checkpoint":
             raise OrthoRegFileError(f"{path}: not an orthoreg training checkpoint")
         if meta.get("config") != self.config.resume_key():
-            diff = [k for k, v in self.config.resume_key().items()
-                    if (meta.get("config") or {}).get(k) != v]
-            raise ValueError(f"{path}: checkpoint was written with a different config "
-                             f"(first difference: {diff[0] if diff else '?'}); use another "
-                             "output directory or delete the checkpoint")
+            recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+            diff = [k for k, v in self.config.resume_key().items() if recorded.get(k) != v]
+            raise OrthoRegFileError(f"{path}: checkpoint was written with a different config "
+                                    f"(first difference: {diff[0] if diff else '?'}); use "
+                                    "another output directory or delete the checkpoint")
+        step = meta.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 < step <= self.config.steps:
+            raise OrthoRegFileError(f"{path}: checkpoint records an invalid step {step!r}")
+        rng = tensors.get("rng.torch")
+        reference_rng = torch.get_rng_state()
+        if rng is None or rng.dtype != reference_rng.dtype or rng.shape != reference_rng.shape:
+            raise OrthoRegFileError(f"{path}: checkpoint lacks a valid RNG state")
         with torch.no_grad():
             for name, param in self.params.items():
                 key = f"model.{name}"
@@ -194,12 +207,18 @@ class Trainer:
         for index, name in enumerate(names):
             slot = {k.split(".")[-1]: v for k, v in tensors.items()
                     if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
+            for key, value in slot.items():
+                expected = () if key == "step" else self.params[name].shape
+                if value.shape != expected:
+                    raise OrthoRegFileError(f"{path}: optimizer state {key!r} of {name!r} has "
+                                            f"shape {tuple(value.shape)}, expected "
+                                            f"{tuple(expected)}")
             if slot:
                 state["state"][index] = {k: v.to(self.params[name].device) if k != "step" else v
                                          for k, v in slot.items()}
         self.optimizer.load_state_dict(state)
-        torch.set_rng_state(tensors["rng.torch"])
-        self.step = int(meta["step"])
+        torch.set_rng_state(rng)
+        self.step = step
         return self.step
 
     # ---------------------------------------------------------------- the loop
@@ -211,10 +230,13 @@ class Trainer:
 
     def _check_finite(self, what: str, value: Tensor) -> None:
         if not torch.isfinite(value).all():
-            detail = ""
             if what == "penalty" and self.reg is not None:
                 layer = _first_nonfinite(self.reg.per_layer())
                 detail = f" (first offending matrix: {layer})"
+            else:
+                param = _first_nonfinite({n: p.detach() for n, p in self.params.items()})
+                detail = (f" (first non-finite parameter: {param})" if param is not None else
+                          " (all parameters are finite: check the input batch)")
             # 1-based like the history's "step" (self.step steps have completed)
             raise NonFiniteError(f"step {self.step + 1}: {what} is {float(value)}{detail}; "
                                  "the last checkpoint is intact")
@@ -258,12 +280,15 @@ class Trainer:
                 (cfg.lam * penalty).backward()
                 penalty_value = float(penalty.detach())
             grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
-            norm = (nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
-                    if cfg.grad_clip else nn.utils.get_total_norm(list(grads.values())))
+            # the norm first, then the check, then the clip (= clip_grad_norm_): clipping by
+            # a NaN norm would turn every gradient NaN and hide which one was the first
+            norm = nn.utils.get_total_norm(list(grads.values()))
             if not torch.isfinite(norm):
                 raise NonFiniteError(f"step {self.step + 1}: gradient of "
                                      f"{_first_nonfinite(grads)!r} is not finite; "
                                      "the last checkpoint is intact")
+            if cfg.grad_clip:
+                nn.utils.clip_grads_with_norm_(list(self.params.values()), cfg.grad_clip, norm)
             self.optimizer.step()
             self.step += 1
             record = {"step": self.step, "lr": lr, "task_loss": task_total,
@@ -278,6 +303,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['task_loss']:.3f}", pen=f"{penalty_value:.3g}",
                                 acc=f"{record['acc']:.2f}", refresh=False)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                # never replace a good checkpoint with one that could not resume
+                poisoned = _first_nonfinite({n: p.detach() for n, p in self.params.items()})
+                if poisoned is not None:
+                    raise NonFiniteError(f"step {self.step}: parameter {poisoned!r} is not "
+                                         "finite; the last checkpoint is intact")
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
