@@ -268,11 +268,24 @@ class Trainer:
                 with autocast:
                     logits = self.head(self.model(x))
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                self._check_finite("task loss", loss.detach())
-                (loss / cfg.accumulation).backward()
-                task_total += float(loss.detach()) / cfg.accumulation
+                if self.world == 1:
+                    self._check_finite("task loss", loss.detach())
+                    (loss / cfg.accumulation).backward()
+                    task_total += float(loss.detach()) / cfg.accumulation
+                else:
+                    # this rank's share of the global-batch mean (its slice may be one example
+                    # shorter): summed over ranks, the gradient is one process's on the batch
+                    share = len(y) / (cfg.batch_size * cfg.accumulation)
+                    (loss * share).backward()
+                    task_total += float(loss.detach()) * share
                 correct += int((logits.argmax(-1) == y).sum())
                 seen += len(y)
+            if self.world > 1:
+                # the task gradients are summed across ranks before the penalty, which every
+                # rank computes identically from identical weights and adds once
+                task_total, correct, seen = _all_reduce_step(self.params, task_total, correct,
+                                                             seen, device)
+                self._check_finite("task loss", torch.tensor(task_total))
             penalty_value = 0.0
             if self.reg is not None:
                 penalty = self.reg()
@@ -318,6 +331,41 @@ def finetune(model: FineTunable, head: nn.Module, train: Dataset, config: TrainC
              workdir: str | os.PathLike[str] | None = None, **kwargs: Any) -> TrainResult:
     """Fine-tune ``model`` (in place) with the frozen ``head``; resumes from ``workdir``."""
     return Trainer(model, head, train, config, workdir, **kwargs).run()
+
+
+def _all_reduce_step(params: dict[str, nn.Parameter], task_total: float, correct: int,
+                     seen: int, device: torch.device,
+                     bucket_bytes: int = 64 << 20) -> tuple[float, int, int]:
+    """Sum gradients and step statistics over ranks (DistributedDataParallel's reduction).
+
+    Done by hand rather than by wrapping the model in DDP because the paradigms' forward
+    passes (``torch.func`` JVPs, PEFT's functional attention) and the penalty's separate
+    backward do not fit DDP's one-forward-one-backward hooks. Gradients are flattened into
+    buckets (one collective per ``bucket_bytes``) per dtype/device. Which parameters have a
+    gradient is a property of the model, hence the same on every rank.
+    """
+    dist = torch.distributed
+    buckets: dict[tuple[torch.dtype, torch.device], list[tuple[int, list[Tensor]]]] = {}
+    for grad in (p.grad for p in params.values() if p.grad is not None):
+        chain = buckets.setdefault((grad.dtype, grad.device), [(0, [])])
+        filled, members = chain[-1]
+        if members and filled > bucket_bytes:
+            chain.append((0, []))
+            filled, members = chain[-1]
+        members.append(grad)
+        chain[-1] = (filled + grad.numel() * grad.element_size(), members)
+    for chain in buckets.values():
+        for _, bucket in chain:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for grad in bucket:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+    stats = torch.tensor([task_total, float(correct), float(seen)], dtype=torch.float64,
+                         device=device)
+    dist.all_reduce(stats)
+    return float(stats[0]), int(stats[1]), int(stats[2])
 
 
 def _dist_rank_world() -> tuple[int, int]:
