@@ -58,6 +58,12 @@ def test_fused_batched_penalty_equals_per_matrix_loop(shape, squared):
     for got, expected in zip(grads_batched, loop_grads(weights, looped)):
         assert got.shape == shape
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # θ0 as views of one stacked buffer takes the whole-stack path: same numbers
+    stacked_refs = list(torch.stack(references).unbind(0))
+    again = fused_penalty(weights, stacked_refs, squared=squared)
+    torch.testing.assert_close(again, batched, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(torch.autograd.grad(again.sum(), weights), grads_batched):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("squared", [False, True])
@@ -180,6 +186,20 @@ def test_once_per_step_penalty_equals_per_micro_batch_penalty(conv_net, head, im
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
 
 
+class Twins(nn.Module):
+    """Two equal-shape linear layers (one OrthoReg group of 2) between a conv and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x).mean(dim=(2, 3))
+        return self.fc(F.gelu(self.b(F.gelu(self.a(h)))))
+
+
 class CountingPenalty:
     """Wraps an OrthoReg, counting evaluations and recording θ0 and workspace addresses."""
 
@@ -198,14 +218,17 @@ class CountingPenalty:
 
 def addresses(reg: OrthoReg) -> tuple[list[int], list[int]]:
     refs = [ref.data_ptr() for group in reg._groups for ref in group.references]
+    refs += [group.stack.data_ptr() for group in reg._groups]
     work = [buf.data_ptr() for buf in reg._workspace._buffers.values()]
     return refs, work
 
 
-@pytest.mark.parametrize("paradigm", [Full(), Partial("pointwise")], ids=["full", "partial"])
+@pytest.mark.parametrize("paradigm", [Full(), Partial(["a.weight", "b.weight"])],
+                         ids=["full", "partial"])
 def test_training_evaluates_penalty_once_per_step_and_never_copies_theta0(
-        conv_net, head, images, paradigm):
-    model = paradigm.prepare(conv_net(0))
+        head, images, paradigm):
+    torch.manual_seed(0)
+    model = paradigm.prepare(Twins())
     cfg = TrainConfig(steps=3, batch_size=4, accumulation=3, lr=1e-2, warmup_steps=0,
                       lam=0.5, progress=False, log_every=1, checkpoint_every=100)
     trainer = Trainer(model, head, TensorDataset(*images.tensors), cfg)
@@ -213,13 +236,18 @@ def test_training_evaluates_penalty_once_per_step_and_never_copies_theta0(
     trainer.reg = counting  # type: ignore[assignment]
     trainer.run()
     assert counting.calls == cfg.steps  # not steps × accumulation
-    # the paradigm's θ0 buffers are the only copy: OrthoReg borrows them ...
-    buffers = {buf.data_ptr() for name, buf in model.named_buffers() if name.startswith("theta0")}
-    refs, work = counting.addresses[0]
-    assert refs and set(refs) <= buffers
-    assert all(group.reference is None for group in counting.reg._groups)
+    # the paradigm's θ0 buffers are the only copy: OrthoReg owns none and borrows each
+    # group's θ0 as one stack, a view of the paradigm's buffer ...
+    reg = counting.reg
+    buffers = {name: buf for name, buf in model.named_buffers() if name.startswith("theta0")}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sum(b.numel() for b in buffers.values()) == sum(p.numel() for p in trained)
+    assert all(group.reference is None for group in reg._groups)
+    pair = next(group for group in reg._groups if group.names == ["a.weight", "b.weight"])
+    assert any(pair.stack.data_ptr() == buf.data_ptr() and pair.stack.shape == (2, 8, 8)
+               for buf in buffers.values())
     # ... and neither θ0 nor the ΔW workspace is reallocated from step to step
-    assert all(entry == (refs, work) for entry in counting.addresses)
+    assert all(entry == counting.addresses[0] for entry in counting.addresses)
 
 
 def test_reference_aliasing_live_weights_is_copied_once(conv_net):

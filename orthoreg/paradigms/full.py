@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from orthoreg.paradigms.base import (
@@ -15,15 +16,17 @@ from orthoreg.paradigms.base import (
     freeze_normalization,
     parameter_rule,
 )
-from orthoreg.regularizer import OrthoReg
-
-
-def _ref_name(name: str) -> str:
-    return "theta0__" + name.replace(".", "__")
+from orthoreg.regularizer import OrthoReg, as_matrix, select_parameters
 
 
 class DirectFineTunable(FineTunable):
-    """The backbone itself, with θ0 of its trained parameters kept beside it on-device."""
+    """The backbone itself, with θ0 of its trained parameters kept beside it on-device.
+
+    θ0 is the only copy of the reference weights: it is stored stacked, one buffer per
+    (matrix shape, dtype, covered by OrthoReg's default selection), in parameter order, and
+    :meth:`regularizer` hands OrthoReg views into these stacks, which it borrows whole, so
+    ΔW of a group of equal-shape matrices is two whole-stack ops and no second θ0 exists.
+    """
 
     def __init__(self, backbone: nn.Module, paradigm: str, trained: list[str]) -> None:
         super().__init__(fingerprint_module(backbone))
@@ -37,19 +40,38 @@ class DirectFineTunable(FineTunable):
         self.trained = trained
         # θ0 of the trained tensors only: one copy, made once; non-persistent buffers so
         # that ``.to(device)`` moves it with the weights and state_dict() stays θ-only
+        covered = {name for name, _ in select_parameters(backbone)}
+        stacks: dict[tuple[object, ...], list[str]] = {}
         for name in trained:
-            self.register_buffer(_ref_name(name), params[name].detach().clone(), persistent=False)
+            param = params[name]
+            shape = tuple(as_matrix(param).shape) if param.ndim >= 2 else tuple(param.shape)
+            stacks.setdefault((shape, param.dtype, name in covered), []).append(name)
+        self._theta0_slots: dict[str, tuple[str, int, torch.Size]] = {}
+        for index, names in enumerate(stacks.values()):
+            buffer = f"theta0__{index}"
+            stacked = torch.stack([
+                as_matrix(params[n]).detach() if params[n].ndim >= 2 else params[n].detach()
+                for n in names
+            ])
+            self.register_buffer(buffer, stacked, persistent=False)
+            for slot, name in enumerate(names):
+                self._theta0_slots[name] = (buffer, slot, params[name].shape)
 
     @property
     def reference(self) -> dict[str, Tensor]:
-        return {name: getattr(self, _ref_name(name)) for name in self.trained}
+        """θ0 per trained parameter name: views into the stacked buffers, never copies."""
+        slots = self._theta0_slots
+        return {
+            name: getattr(self, slots[name][0])[slots[name][1]].view(slots[name][2])
+            for name in self.trained
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
     def deltas(self) -> dict[str, Tensor]:
         params = dict(self.backbone.named_parameters())
-        return {name: params[name] - getattr(self, _ref_name(name)) for name in self.trained}
+        return {name: params[name] - theta0 for name, theta0 in self.reference.items()}
 
     def regularizer(self, squared: bool = False, **options: Any) -> OrthoReg:
         return OrthoReg(self.backbone, reference=self.reference, squared=squared, **options)
