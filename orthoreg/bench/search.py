@@ -17,7 +17,6 @@ as a table; ``--json PATH`` writes them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from orthoreg.evaluation import EvalBatches, ResidentModel, grid_accuracy
 from orthoreg.paradigms import LinearizedModel
 from orthoreg.taskvector import TaskVector
+from orthoreg.utils.io import atomic_write_json
 from orthoreg.utils.provenance import fingerprint_state
 
 LINEAR_GOAL = 7.0  # one-JVP grid at least this many times faster than per-α evaluation
@@ -270,6 +270,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                   pretrained=args.pretrained, repeats=args.repeats, seed=args.seed)
     print(report(figures))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        atomic_write_json(args.json, figures)
     return 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
-from orthoreg.utils.io import atomic_write_text
+from orthoreg.utils.io import atomic_write_bytes, atomic_write_text
 
 
 def _pm(row: dict[str, Any], key: str, scale: float = 100.0, digits: int = 1) -> str:
@@ -61,6 +62,13 @@ def verdicts(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """Render in memory, then write atomically: a killed run never leaves half a PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_plots(out: Path, results: dict[str, Any]) -> list[str]:
     import matplotlib
 
@@ -86,7 +94,7 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[str]:
         ax.set_ylabel("%")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(out / "bars.png", dpi=110)
+    _save_png(fig, out / "bars.png")
     plt.close(fig)
     files.append("bars.png")
 
@@ -105,7 +113,7 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[str]:
         ax.set_ylabel("val normalized acc (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "alpha_curves.png", dpi=110)
+    _save_png(fig, out / "alpha_curves.png")
     plt.close(fig)
     files.append("alpha_curves.png")
 
@@ -124,7 +132,7 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[str]:
             ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
             ax.set_title(f"{paradigm} / {variant}", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.6, label="cosine(τ_i, τ_j)")
-    fig.savefig(out / "cosines.png", dpi=110)
+    _save_png(fig, out / "cosines.png")
     plt.close(fig)
     files.append("cosines.png")
     return files

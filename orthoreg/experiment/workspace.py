@@ -88,9 +88,10 @@ class Workspace:
         if not result.is_file():
             return None
         try:
-            return json.loads(result.read_text())
-        except json.JSONDecodeError:
+            record = json.loads(result.read_bytes())
+        except (OSError, ValueError):  # truncated, not UTF-8, not JSON
             return None  # unreadable: treat as unfinished and redo
+        return record if isinstance(record, dict) else None
 
     def finish(self, key: str, result: Mapping[str, Any]) -> dict[str, Any]:
         atomic_write_json(self.stage_dir(key) / "result.json", dict(result))

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from orthoreg.errors import OrthoRegError
 from orthoreg.paradigms import get_paradigm
-from orthoreg.training import CHECKPOINT, NonFiniteError, Trainer, TrainConfig, finetune
+from orthoreg.training import CHECKPOINT, NonFiniteError, TrainConfig, Trainer, finetune
 from orthoreg.utils.io import read_tensors
 
 
