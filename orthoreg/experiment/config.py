@@ -119,13 +119,14 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "selection.on_seed": lambda v: v in ("first", "each"),
     "alphas.num": lambda v: 1 <= v <= 201,
     "alphas.start": lambda v: -10 <= v <= 10, "alphas.stop": lambda v: -10 <= v <= 10,
-    "negation_thresholds": lambda v: all(0 < x <= 1 for x in v),
+    "negation_thresholds": lambda v: len(v) >= 1 and all(0 < x <= 1 for x in v),
     "tasks": lambda v: len(v) >= 1 and len(set(v)) == len(v),
     "seeds": lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(s >= 0 for s in v),
     "paradigms.*.lr": lambda v: 0 < v < 1, "paradigms.*.rank": lambda v: v >= 1,
     "paradigms.*.alpha": lambda v: v > 0,
 }
 _RANGE_TEXT = {"selection.lambdas": "λ values in (0, 1e4]", "alphas.num": "1..201 points",
+               "negation_thresholds": "a non-empty list of fractions in (0, 1]",
                "tasks": "a non-empty list without repeats", "train.estimator": "exact|hutchinson"}
 
 
@@ -169,9 +170,13 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"config key '{key}': {value} is too large") from None
+        if number != number or number in (float("inf"), float("-inf")):
             raise ConfigError(f"config key '{key}': {value!r} is not finite")
-        return float(value)
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
@@ -213,7 +218,45 @@ def from_mapping(raw: Mapping[str, Any] | None) -> ExperimentConfig:
             config.selection.lr_multipliers):
         raise ConfigError("config key 'selection.lr_multipliers': the baseline's grid must be "
                           "as large as the λ grid (equal tuning budgets)")
+    if config.train.batch_size > config.data.max_train:
+        raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} is larger "
+                          f"than data.max_train = {config.data.max_train} (one batch must fit "
+                          "in the training split)")
+    _check_names(config)
     return config
+
+
+def _known(key: str, value: str, known: Any, what: str) -> None:
+    if value not in known:
+        raise ConfigError(f"config key '{key}': unknown {what} {value!r} "
+                          f"(known: {', '.join(sorted(known))})")
+
+
+def _check_names(config: ExperimentConfig) -> None:
+    """Names must exist in their registries now, not when the run first needs them."""
+    import torch
+
+    from orthoreg.merging import available
+    from orthoreg.zoo.datasets import TASKS
+    from orthoreg.zoo.models import MODELS
+
+    _known("model", config.model, MODELS, "model")
+    for index, task in enumerate(config.tasks):
+        _known(f"tasks[{index}]", task, TASKS, "task")
+    if config.control is not None:
+        _known("control", config.control, TASKS, "task")
+        if config.control in config.tasks:
+            raise ConfigError(f"config key 'control': {config.control!r} is also a fine-tuning "
+                              "task (the control must be a task no vector was trained on)")
+    _known("merge", config.merge, available(), "merge method")
+    try:
+        device = torch.device(config.device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'device': {config.device!r} is not a device "
+                          "(e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (
+            device.index is None or device.index < torch.cuda.device_count())):
+        raise ConfigError(f"config key 'device': {config.device!r} is not available here")
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -222,12 +265,22 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (is it a YAML config?)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping at the top level")
     return from_mapping(apply_overrides(raw, overrides or {}))
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
