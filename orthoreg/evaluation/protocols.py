@@ -198,7 +198,8 @@ def addition(
     return AdditionResult(
         paradigm=paradigm,
         merge=merge,
-        merge_params=dict(merge_params or {}),
+        # the registry records the resolved hyper-parameters, defaults included
+        merge_params=dict(merged.metadata.get("merge", {}).get("params", merge_params or {})),
         alpha=alpha,
         val_abs=_mean(per_task[n]["val"] for n in names),
         val_norm=curve[best],

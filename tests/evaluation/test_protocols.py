@@ -180,6 +180,8 @@ def test_single_vector_task_arithmetic_at_one_is_the_finetuned_model(
                       alphas=[1.0])
     assert result.per_task["T"]["test"] == ft_acc
     assert result.per_task["T"]["test_norm"] == 1.0
+    if registry == "available":  # the registry's resolved hyper-parameters are recorded
+        assert result.merge_params == {"weights": None}
     assert grid_accuracy(base, head, data, merged, [1.0]) == [ft_acc]
 
 
