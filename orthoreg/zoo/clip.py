@@ -104,13 +104,24 @@ def model_image_size(name: str) -> int:
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
+def require_weights_file(path: str | os.PathLike[str]) -> Path:
+    """The path, if it is a file; otherwise the error that says weights are never fetched."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file {path} not found: the CLIP recipe never downloads weights; pass a "
+            "local open_clip checkpoint (safetensors, or a torch.save state dict) as --weights"
+        )
+    return path
+
+
 def weights_fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 of a weights file (first 16 hex digits), memoised per (path, size, mtime).
 
     A content hash, not size+mtime, so that a copied checkpoint keeps its heads' cache and
     its vectors' provenance; it costs one read of the file (≈ 1 s per GB).
     """
-    resolved = Path(path).resolve()
+    resolved = require_weights_file(path).resolve()
     stat = resolved.stat()
     key = (str(resolved), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:
@@ -149,12 +160,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     environment (``create_model("ViT-B-32-quickgelu", pretrained=PATH)`` then save the
     state dict as safetensors).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(
-            f"weights file {path} not found: the CLIP recipe never downloads weights; pass a "
-            "local open_clip checkpoint (safetensors, or a torch.save state dict) as --weights"
-        )
+    path = require_weights_file(path)
     if _is_safetensors(path):
         from safetensors.torch import load_file
 

@@ -229,7 +229,7 @@ CONTROL_TASK = "ImageNet"
 
 def base_task_name(name: str) -> str:
     """``CarsVal`` → ``Cars``: the literature's name for "train minus the held-out val"."""
-    return name[: -len("Val")] if name.endswith("Val") and len(name) > 3 else name
+    return name[:-3] if name.lower().endswith("val") and len(name) > 3 else name
 
 
 def dataset_spec(name: str) -> DatasetSpec:

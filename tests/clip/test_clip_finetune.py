@@ -1,0 +1,149 @@
+"""Fine-tuning the tiny CLIP ViT with every paradigm + OrthoReg, and the CLI end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from orthoreg.cli import main
+from orthoreg.training import TrainConfig, finetune
+from orthoreg.zoo.clip import ClipModelSpec, load_clip, vision_backbone, zeroshot_head
+from orthoreg.zoo.clip_data import load_task
+from orthoreg.zoo.clip_recipe import build_paradigm
+from tests.clip.conftest import TINY_NAME, needs_open_clip
+
+pytestmark = needs_open_clip
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_weights: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    cache = tmp_path_factory.mktemp("cache")
+    spec = ClipModelSpec(TINY_NAME, str(tiny_weights))
+    clip = load_clip(TINY_NAME, tiny_weights)
+    data = load_task(data_root, "MNIST", 32, cache)
+    head = zeroshot_head(clip, spec, data.name, data.classnames, data.spec.templates, cache)
+    return vision_backbone(clip, spec), head, data
+
+
+@pytest.mark.parametrize("paradigm", ["full", "linear", "partial", "lora"])
+def test_each_paradigm_trains_with_orthoreg(setup, paradigm: str) -> None:
+    backbone, head, data = setup
+    model = build_paradigm(paradigm).prepare(copy.deepcopy(backbone))
+    config = TrainConfig(steps=3, batch_size=8, lr=1e-3 if paradigm == "lora" else 1e-4,
+                         warmup_steps=0, lam=1.0, progress=False, log_every=1)
+    result = finetune(model, head, data.train, config)
+    penalties = [record["penalty"] for record in result.history]
+    # R(0) = ‖−I‖_F = √n > 0 for dense ΔW; the penalty term is live from step 1 on
+    assert all(torch.isfinite(torch.tensor(penalties))) and penalties[-1] > 0
+    vector = model.task_vector()
+    state = dict(backbone.named_parameters())
+    assert set(vector) <= set(state) and vector.norm() > 0
+    assert vector.metadata["paradigm"] == paradigm
+    # the vector reproduces the trained model: θ0 + τ through the paradigm's own edit
+    x = data.test.tensors[0][:4]
+    edited = build_paradigm(paradigm).edited(copy.deepcopy(backbone), vector, 1.0)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(edited.eval()(x), model(x), atol=1e-5)
+
+
+def _finetune_args(model: Path, weights: Path, data_root: Path, task: str, out: Path,
+                   cache: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(model), "--weights", str(weights), "--data-root",
+            str(data_root), "--task", task, "--out", str(out), "--cache", str(cache),
+            "--steps", "4", "--batch-size", "8", "--warmup-steps", "1", "--lr", "1e-3",
+            "--no-progress", *extra]
+
+
+def test_cli_finetune_then_addition_and_negation(tiny_config: Path, tiny_weights: Path,
+                                                 data_root: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    runs = {task: tmp_path / "runs" / task for task in ("MNIST", "EuroSAT")}
+    for task, out in runs.items():
+        args = _finetune_args(tiny_config, tiny_weights, data_root, task, out, cache,
+                              "--paradigm", "full", "--lam", "1")
+        assert main(args) == 0, capsys.readouterr().err
+        record = json.loads((out / "run.json").read_text())
+        assert record["task"] == task and record["train"]["lam"] == 1.0
+        assert record["model"]["weights_sha256"] and record["train"]["steps"] == 4
+        assert set(record["accuracy"]) == {"finetuned", "zeroshot"}
+        assert (out / "vector.safetensors").is_file() and (out / "head.safetensors").is_file()
+        assert not (out / "checkpoint.safetensors").exists()
+    assert "MNIST: full λ=1" in capsys.readouterr().out
+
+    # a finished run is not redone
+    again = _finetune_args(tiny_config, tiny_weights, data_root, "MNIST", runs["MNIST"], cache,
+                           "--paradigm", "full", "--lam", "1")
+    stamp = (runs["MNIST"] / "vector.safetensors").stat().st_mtime_ns
+    assert main(again) == 0
+    assert (runs["MNIST"] / "vector.safetensors").stat().st_mtime_ns == stamp
+    # … and another run may not reuse its directory
+    other = _finetune_args(tiny_config, tiny_weights, data_root, "MNIST", runs["MNIST"], cache,
+                           "--paradigm", "full", "--lam", "3")
+    assert main(other) == 2
+    assert "already holds a different run" in capsys.readouterr().err
+
+    addition_out = tmp_path / "addition.json"
+    assert main(["evaluate", "addition", "--run", *map(str, runs.values()), "--cache",
+                 str(cache), "--out", str(addition_out), "--alphas", "0,0.5,1",
+                 "--no-progress"]) == 0
+    addition = json.loads(addition_out.read_text())
+    assert addition["paradigm"] == "full" and addition["alpha"] in (0.0, 0.5, 1.0)
+    assert set(addition["per_task"]) == {"MNIST", "EuroSAT"}
+    assert 0 <= addition["test_abs"] <= 1 and addition["val_curve"]["alphas"] == [0, 0.5, 1]
+
+    negation_out = tmp_path / "negation.json"
+    assert main(["evaluate", "negation", "--run", str(runs["MNIST"]), "--control", "EuroSAT",
+                 "--cache", str(cache), "--out", str(negation_out), "--alphas", "0,0.5,1",
+                 "--no-progress"]) == 0
+    negation = json.loads(negation_out.read_text())
+    result = negation["results"]["MNIST"]
+    assert negation["control"] == "EuroSAT" and result["control"] == "EuroSAT"
+    assert [row["threshold"] for row in result["thresholds"]] == [0.95, 0.9, 0.8]
+
+
+def test_cli_errors_name_the_missing_thing(tiny_config: Path, tiny_weights: Path,
+                                           data_root: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    missing_weights = _finetune_args(tiny_config, tmp_path / "absent.safetensors", data_root,
+                                     "MNIST", tmp_path / "a", tmp_path / "cache")
+    assert main(missing_weights) == 2
+    err = capsys.readouterr().err
+    assert "absent.safetensors not found" in err and "--weights" in err
+
+    missing_task = _finetune_args(tiny_config, tiny_weights, data_root, "SVHN",
+                                  tmp_path / "b", tmp_path / "cache")
+    assert main(missing_task) == 2
+    err = capsys.readouterr().err
+    assert "task folder" in err and "SVHN" in err and "<data-root>/<Name>/{train,test}" in err
+
+    assert main(["evaluate", "addition", "--run", str(tmp_path / "nothing")]) == 2
+    assert "is not a finished CLIP run" in capsys.readouterr().err
+
+
+def test_runs_from_different_paradigms_are_not_mixed(tiny_config: Path, tiny_weights: Path,
+                                                     data_root: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    for task, paradigm in (("MNIST", "partial"), ("EuroSAT", "lora")):
+        assert main(_finetune_args(tiny_config, tiny_weights, data_root, task,
+                                   tmp_path / task, cache, "--paradigm", paradigm)) == 0
+    assert main(["evaluate", "addition", "--run", str(tmp_path / "MNIST"),
+                 str(tmp_path / "EuroSAT"), "--cache", str(cache)]) == 2
+    assert "uses paradigm 'lora'" in capsys.readouterr().err
+
+
+def test_heads_ignore_training(setup) -> None:
+    """The zero-shot head is frozen: no parameter, unchanged by a training step."""
+    backbone, head, data = setup
+    before = head.weight.clone()
+    model = build_paradigm("full").prepare(copy.deepcopy(backbone))
+    finetune(model, head, data.train, TrainConfig(steps=1, batch_size=8, warmup_steps=0,
+                                                  progress=False))
+    assert torch.equal(head.weight, before) and not isinstance(head, nn.Linear)
