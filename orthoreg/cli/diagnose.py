@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from orthoreg.cli.registry import command
+from orthoreg.cli.registry import UsageError, command
+
+# The library's defaults, repeated so that building the parser does not import torch
+# (``orthoreg --help`` stays fast); tests/diagnostics/test_cli_diagnose.py keeps them equal.
+DEFAULT_POINTS = 13
+DEFAULT_RANGE = 3.0
+DEFAULT_EXAMPLES = 128
+DEFAULT_SHARE = 0.9
+OBJECTIVE_NAMES = ("true_logit", "loss")
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    from orthoreg.diagnostics.disentanglement import DEFAULT_POINTS, DEFAULT_RANGE
-    from orthoreg.diagnostics.specialization import DEFAULT_EXAMPLES, DEFAULT_SHARE
-
     p.add_argument("--run", required=True, metavar="DIR",
                    help="a finished run directory (orthoreg demo --out DIR)")
     p.add_argument("--seed", type=int, help="which seed's runs (default: the first)")
@@ -26,16 +31,18 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help=f"ξ grid over [-R, R] (default {DEFAULT_RANGE:g})")
     p.add_argument("--all-pairs", action="store_true",
                    help="every pair of tasks (default: the first pair)")
-    p.add_argument("--examples", type=int, default=128, metavar="N",
-                   help="examples per task for ξ (default 128)")
+    p.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, metavar="N",
+                   help=f"examples per task for ξ (default {DEFAULT_EXAMPLES}); ξ costs "
+                   "grid² forward passes of N images per task and variant for weight-space "
+                   "paradigms, one JVP per vector and batch for linear")
     p.add_argument("--tfs-examples", type=int, default=DEFAULT_EXAMPLES, metavar="N",
                    help=f"examples per task for TFS (default {DEFAULT_EXAMPLES})")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="which split's inputs to probe (default test)")
     p.add_argument("--share", type=float, default=DEFAULT_SHARE,
                    help=f"TFS: share of attribution mass in I_t (default {DEFAULT_SHARE})")
-    p.add_argument("--objective", default=None,
-                   help="TFS attribution objective: true_logit (default) or loss")
+    p.add_argument("--objective", default=OBJECTIVE_NAMES[0], choices=OBJECTIVE_NAMES,
+                   help="TFS attribution objective ℓ (default: the true-class logit)")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="diagnostics to compute: orthogonality disentanglement specialization")
 
@@ -46,18 +53,16 @@ def diagnose(args: argparse.Namespace) -> int:
     import torch
 
     from orthoreg.diagnostics.rundir import DiagnoseOptions, diagnose_run
-    from orthoreg.diagnostics.specialization import DEFAULT_OBJECTIVE, OBJECTIVES
+    from orthoreg.diagnostics.specialization import OBJECTIVES
 
-    objective = args.objective or DEFAULT_OBJECTIVE
-    if objective not in OBJECTIVES:
-        from orthoreg.cli.registry import UsageError
-
-        raise UsageError(f"unknown --objective {objective!r}; choose from {sorted(OBJECTIVES)}")
+    if args.objective not in OBJECTIVES:
+        raise UsageError(f"unknown --objective {args.objective!r}; choose from "
+                         f"{sorted(OBJECTIVES)}")
     options = DiagnoseOptions(
         seed=args.seed, paradigms=tuple(args.paradigms) if args.paradigms else None,
         points=args.grid, extent=args.range, all_pairs=args.all_pairs,
         examples=args.examples, tfs_examples=args.tfs_examples, split=args.split,
-        share=args.share, objective=objective,
+        share=args.share, objective=args.objective,
         **({"sections": tuple(args.only)} if args.only else {}),
     )
     document = diagnose_run(args.run, options)

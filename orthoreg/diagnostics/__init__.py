@@ -12,6 +12,21 @@ any backbone + heads + task vectors, without an experiment:
   ξ(α1, α2) of Ortiz-Jiménez et al. (2023) on a grid, in place on one resident model;
 - :mod:`~orthoreg.diagnostics.plots` — the figures; :mod:`~orthoreg.diagnostics.rundir`
   — all of it for a finished run directory (``orthoreg diagnose --run DIR``).
+
+Without an experiment::
+
+    from orthoreg.diagnostics import TaskProbe, disentanglement_error, cosine_matrix
+    from orthoreg.diagnostics import task_feature_specialization, orthogonality_report
+    from orthoreg.diagnostics.plots import plot_disentanglement
+
+    probes = [TaskProbe("mnist", head_mnist, (x_mnist, y_mnist)),
+              TaskProbe("fashion", head_fashion, (x_fashion, y_fashion))]
+    xi = {variant: disentanglement_error(backbone, probes, [tau_mnist, tau_fashion])
+          for variant, (tau_mnist, tau_fashion) in vectors.items()}   # 13×13 over [−3, 3]
+    plot_disentanglement(xi, "xi.png")            # one colour scale for all variants
+    tfs = task_feature_specialization(backbone, probes)   # Jaccard per layer, and chance
+
+Every function leaves the backbone's weights, flags and modes as it found them.
 """
 
 from orthoreg.diagnostics.base import TaskProbe, subsample

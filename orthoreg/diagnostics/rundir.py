@@ -211,7 +211,7 @@ def specialization_section(ctx: Context, paradigm: str) -> tuple[dict, list[str]
     probes = [ctx.probes[t] for t in tasks]
 
     def score(vectors: dict[str, TaskVector] | None) -> SpecializationResult:
-        return task_feature_specialization(ctx.resident.backbone, probes, vectors,
+        return task_feature_specialization(ctx.resident, probes, vectors,
                                            share=opts.share, objective=opts.objective,
                                            max_examples=opts.tfs_examples)
 

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from orthoreg.diagnostics.base import TaskProbe
 from orthoreg.evaluation.accuracy import evaluation_mode, model_device
-from orthoreg.evaluation.resident import as_resident
+from orthoreg.evaluation.resident import ResidentModel, as_resident
 from orthoreg.taskvector import TaskVector
 
 #: ℓ(logits [B, C], labels [B]) -> per-example objective [B]
@@ -253,7 +253,7 @@ class SpecializationResult:
 
 
 def task_feature_specialization(
-    backbone: nn.Module,
+    backbone: nn.Module | ResidentModel,
     tasks: Sequence[TaskProbe],
     vectors: Mapping[str, Mapping[str, Tensor]] | None = None,
     layers: Mapping[str, nn.Module] | Sequence[str] | None = None,
@@ -267,16 +267,17 @@ def task_feature_specialization(
     With ``vectors`` (task name → weight-space task vector), task t is scored at
     θ0 + τ_t, moved in place and restored exactly; otherwise every task is scored at θ0.
     Tangent (``linear``) vectors are refused: their model's activations are not those of
-    the backbone at θ0 + τ.
+    the backbone at θ0 + τ. Pass a ResidentModel to reuse its θ0 snapshots across calls.
     """
     if len(tasks) < 2:
         raise ValueError("task-feature specialization compares at least two tasks")
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be distinct, got {names}")
+    resident = as_resident(backbone)
+    backbone = resident.backbone
     if layers is None:
         layers = feature_layers(backbone)
-    resident = as_resident(backbone)
     mass: dict[str, dict[str, Tensor]] = {}
     examples: dict[str, int] = {}
     for task in tasks:

@@ -143,3 +143,15 @@ def test_single_task_run_still_gets_per_vector_diagnostics(run_dir: Path) -> Non
     sections = document["paradigms"]["full"]
     assert document["pairs"] == [] and sections["disentanglement"] == {}
     assert set(sections["orthogonality"]["vectors"]["baseline"]) == {"blobs_a"}
+
+
+def test_cli_defaults_are_the_library_defaults() -> None:
+    from orthoreg.cli import diagnose as cli
+    from orthoreg.diagnostics import disentanglement, specialization
+
+    assert cli.DEFAULT_POINTS == disentanglement.DEFAULT_POINTS
+    assert cli.DEFAULT_RANGE == disentanglement.DEFAULT_RANGE
+    assert cli.DEFAULT_EXAMPLES == specialization.DEFAULT_EXAMPLES == DiagnoseOptions().examples
+    assert cli.DEFAULT_SHARE == specialization.DEFAULT_SHARE == DiagnoseOptions().share
+    assert set(cli.OBJECTIVE_NAMES) == set(specialization.OBJECTIVES)
+    assert cli.OBJECTIVE_NAMES[0] == specialization.DEFAULT_OBJECTIVE
