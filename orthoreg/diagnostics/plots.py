@@ -48,8 +48,8 @@ def plot_disentanglement(maps: Mapping[str, DisentanglementMap], path: str | Pat
     from matplotlib.patches import Circle
 
     labels = list(maps)
-    fig, axes = plt.subplots(1, len(labels), figsize=(4.0 * len(labels) + 1.0, 3.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels) + 1.2, 4.0),
+                             squeeze=False, layout="constrained")
     vmax = max(max(float(m.xi.max()) for m in maps.values()), 1e-6)
     image = None
     for ax, label in zip(axes[0], labels):
