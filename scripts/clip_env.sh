@@ -32,24 +32,32 @@ fi
 started=$(date +%s)
 stamp="$VENV/.orthoreg-clip-installed"
 want="$TORCH_PIN $TORCHVISION_PIN $OPEN_CLIP_PIN $(sha256sum pyproject.toml | cut -c1-16)"
+probe='import torch, torchvision, open_clip, orthoreg, pytest; print("torch", torch.__version__, "torchvision", torchvision.__version__, "open_clip", open_clip.__version__)'
+
+# pip's output without the machine-wide index's "Location … is ignored" notes; pip's own
+# exit status still decides (pipefail)
+pip_install() {
+  "$VENV/bin/python" -m pip install -q "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "clip_env: creating $VENV with $PY"
   "$PY" -m venv "$VENV"
 fi
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
-   || ! "$VENV/bin/python" -c "import open_clip, torchvision, orthoreg, pytest" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+   && versions=$("$VENV/bin/python" -c "$probe" 2>/dev/null); then
+  echo "clip_env: $VENV is up to date ($versions)"
+else
   constraints="$VENV/constraints.txt"
   printf '%s\n%s\n' "$TORCH_PIN" "$TORCHVISION_PIN" >"$constraints"
   echo "clip_env: installing $TORCH_PIN $TORCHVISION_PIN $OPEN_CLIP_PIN and orthoreg[dev,clip]"
-  "$VENV/bin/python" -m pip install -q -c "$constraints" "$TORCH_PIN" "$TORCHVISION_PIN"
-  "$VENV/bin/python" -m pip install -q -c "$constraints" "$OPEN_CLIP_PIN" -e ".[dev,clip]"
+  pip_install -c "$constraints" "$TORCH_PIN" "$TORCHVISION_PIN"
+  pip_install -c "$constraints" "$OPEN_CLIP_PIN" -e ".[dev,clip]"
+  versions=$("$VENV/bin/python" -c "$probe")
   echo "$want" >"$stamp"
-  echo "clip_env: installed in $(( $(date +%s) - started )) s"
-else
-  echo "clip_env: $VENV is up to date"
+  echo "clip_env: installed in $(( $(date +%s) - started )) s ($versions)"
 fi
-"$VENV/bin/python" -c "import torch, torchvision, open_clip; print('clip_env: torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__)"
 
 if [ "$SETUP_ONLY" = 1 ]; then
   exit 0

@@ -27,6 +27,7 @@ Requires the ``clip`` extra (open_clip_torch, torchvision); see docs/CLIP.md.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -193,6 +194,16 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return state
 
 
+def _no_text_download(open_clip: Any) -> dict[str, bool]:
+    """Keep configs with a Hugging Face text tower from fetching its weights (offline).
+
+    open_clip 3 calls the flag ``pretrained_text``; 2.x called it ``pretrained_hf``.
+    """
+    parameters = inspect.signature(open_clip.create_model).parameters
+    return {"pretrained_text": False} if "pretrained_text" in parameters else {
+        "pretrained_hf": False}
+
+
 def load_clip(name: str, weights: str | os.PathLike[str], quick_gelu: bool = False) -> nn.Module:
     """An open_clip model ``name`` with the local ``weights``, in eval mode on the CPU.
 
@@ -208,7 +219,7 @@ def load_clip(name: str, weights: str | os.PathLike[str], quick_gelu: bool = Fal
     logging.disable(logging.WARNING)
     try:
         model = open_clip.create_model(config_name, pretrained=None,
-                                       force_quick_gelu=quick_gelu, pretrained_text=False)
+                                       force_quick_gelu=quick_gelu, **_no_text_download(open_clip))
     finally:
         logging.disable(previous)
     if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
@@ -285,7 +296,8 @@ class ClipModelSpec:
 def vision_backbone(model: nn.Module, spec: ClipModelSpec) -> CLIPVisionBackbone:
     """The image tower of a loaded CLIP model as a backbone (shares its tensors)."""
     open_clip = require_open_clip()
-    cfg = open_clip.get_model_preprocess_cfg(model)
+    # open_clip ≥ 2.23 records the weights' normalisation on the model; CLIP's otherwise
+    cfg = getattr(open_clip, "get_model_preprocess_cfg", lambda _: {})(model)
     mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
     if not isinstance(getattr(model.visual, "transformer", None), nn.Module):
         raise WeightsError(f"open_clip model {spec.name!r} has no ViT image tower "

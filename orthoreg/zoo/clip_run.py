@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import json
 import os
@@ -102,7 +103,10 @@ def distributed(requested_device: str | None = None) -> Iterator[Dist]:
         if device.type == "cuda":
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
+        # generous timeout: the other ranks wait at a barrier while rank 0 decodes a whole
+        # dataset into the cache the first time (minutes for SUN397 or the ImageNet control)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2),
                                 **({"device_id": device} if device.type == "cuda" else {}))
         owned = True
     if dist.is_available() and dist.is_initialized():
@@ -153,7 +157,9 @@ class FinetuneSpec:
     checkpoint_every: int = 200
 
     def model_spec(self) -> ClipModelSpec:
-        return ClipModelSpec(self.model, str(Path(self.weights)), self.quick_gelu)
+        """Paths made absolute: the run record must still find them from another cwd."""
+        model = str(Path(self.model).resolve()) if self.model.endswith(".json") else self.model
+        return ClipModelSpec(model, str(Path(self.weights).resolve()), self.quick_gelu)
 
     def paradigm_options(self) -> dict[str, Any]:
         return {"rank": self.lora_rank, "alpha": self.lora_alpha} if self.paradigm == "lora" else {}
@@ -197,7 +203,7 @@ def finetune_task(spec: FinetuneSpec) -> dict[str, Any] | None:
     model_spec = spec.model_spec()
     with distributed(spec.device) as dist:
         started = time.perf_counter()
-        # the image size comes from the config, not the weights: build to learn it cheaply
+        # the crop size is the config's: images are decoded before the weights are read
         size = model_image_size(model_spec.name)
         data = load_task(spec.data_root, spec.task, size, cache, ("train", "val", "test"),
                          workers=spec.workers, progress=spec.progress and dist.is_writer,

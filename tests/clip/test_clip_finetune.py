@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from orthoreg.cli import main
+from orthoreg.evaluation import accuracy
 from orthoreg.training import TrainConfig, finetune
 from orthoreg.zoo.clip import ClipModelSpec, load_clip, vision_backbone, zeroshot_head
 from orthoreg.zoo.clip_data import load_task
@@ -50,6 +51,7 @@ def test_each_paradigm_trains_with_orthoreg(setup, paradigm: str) -> None:
     model.eval()
     with torch.no_grad():
         assert torch.allclose(edited.eval()(x), model(x), atol=1e-5)
+    assert 0.0 <= accuracy(model, head, data.val) <= 1.0  # what a run records, per paradigm
 
 
 def _finetune_args(model: Path, weights: Path, data_root: Path, task: str, out: Path,
