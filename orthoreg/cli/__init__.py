@@ -44,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad arguments
     try:
         return int(args._run(args) or 0)
-    except (OrthoRegError, UsageError, FileNotFoundError) as exc:
+    except (OrthoRegError, UsageError, OSError) as exc:
+        # OSError: a path the user named is missing, a directory, not writable, or the
+        # disk is full — the user's to fix, not a bug. Always one line.
         if args.debug:
             traceback.print_exc()
-        print(f"orthoreg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"orthoreg {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, rerun to resume", file=sys.stderr)

@@ -80,6 +80,9 @@ def _configure_fetch(p: argparse.ArgumentParser) -> None:
 def fetch(args: argparse.Namespace) -> int:
     from orthoreg.zoo import assets
 
+    unknown = [name for name in args.names if name not in assets.registry()]
+    if unknown:
+        raise UsageError(f"unknown asset {unknown[0]!r}; known: {', '.join(assets.registry())}")
     assets.fetch(args.names or None)
     return 0
 
@@ -103,9 +106,14 @@ def merge(args: argparse.Namespace) -> int:
         return 0
     if not args.vectors or not args.out:
         raise UsageError("merge needs task vector files and --out")
+    params = _overrides(args.param)
+    try:  # method name and hyper-parameters first: fail before reading any vector
+        merging.get(args.method).resolve(params)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     vectors = [TaskVector.load(path) for path in args.vectors]
-    merged = merging.merge(args.method, vectors, **_overrides(args.param))
-    merged.metadata["merge"] = {"method": args.method, "params": _overrides(args.param),
+    merged = merging.merge(args.method, vectors, **params)
+    merged.metadata["merge"] = {"method": args.method, "params": params,
                                 "inputs": args.vectors}
     merged.save(args.out)
     print(f"wrote {args.out}: {merged}")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orthoreg.errors import OrthoRegError
 from orthoreg.utils.io import atomic_write_bytes
 
 ENV_VAR = "ORTHOREG_ASSETS"
@@ -43,8 +44,11 @@ class AssetMissing(FileNotFoundError):
     """A pinned archive is not in the cache directory; the message says how to fetch it."""
 
 
-class AssetCorrupted(ValueError):
-    """An archive's size or sha256 differs from its pin: refuse it rather than parse it."""
+class AssetCorrupted(OrthoRegError, ValueError):
+    """An archive's size or sha256 differs from its pin: refuse it rather than parse it.
+
+    A user error (the message says how to refetch), so the CLI prints it in one line.
+    """
 
 
 @dataclass(frozen=True)
