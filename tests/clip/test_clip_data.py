@@ -24,7 +24,8 @@ from orthoreg.zoo.clip_data import (
     scan_split,
     val_indices,
 )
-from tests.clip.conftest import TASK_CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, write_task
+
+from .conftest import TASK_CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, write_task
 
 
 def test_scan_lists_sorted_class_folders_as_labels(data_root: Path) -> None:

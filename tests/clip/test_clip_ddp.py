@@ -16,7 +16,8 @@ import torch
 
 from orthoreg.taskvector import TaskVector
 from orthoreg.zoo.clip_run import FinetuneSpec, finetune_task, load_run
-from tests.clip.conftest import needs_open_clip
+
+from .conftest import needs_open_clip
 
 pytestmark = needs_open_clip
 

@@ -16,7 +16,8 @@ from orthoreg.training import TrainConfig, finetune
 from orthoreg.zoo.clip import ClipModelSpec, load_clip, vision_backbone, zeroshot_head
 from orthoreg.zoo.clip_data import load_task
 from orthoreg.zoo.clip_recipe import build_paradigm
-from tests.clip.conftest import TINY_NAME, needs_open_clip
+
+from .conftest import TINY_NAME, needs_open_clip
 
 pytestmark = needs_open_clip
 

@@ -19,7 +19,8 @@ from orthoreg.zoo.clip import (
     vision_backbone,
     zeroshot_head,
 )
-from tests.clip.conftest import TINY_CONFIG, TINY_NAME, needs_open_clip
+
+from .conftest import TINY_CONFIG, TINY_NAME, needs_open_clip
 
 pytestmark = needs_open_clip
 LAYERS = TINY_CONFIG["vision_cfg"]["layers"]
