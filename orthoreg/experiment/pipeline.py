@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from orthoreg.errors import ConfigError
 from orthoreg.experiment.config import ExperimentConfig, ParadigmConfig
 from orthoreg.experiment.workspace import Workspace, stage_key
 from orthoreg.paradigms import Paradigm, get_paradigm
@@ -99,10 +100,21 @@ class Experiment:
         names = list(cfg.tasks)
         self.control_name = cfg.control or zoo.CONTROL_TASK
         if self.control_name in names:
-            raise ValueError(f"control task {self.control_name!r} is also a fine-tuning task")
+            raise ConfigError(f"config key 'control': the control task {self.control_name!r} "
+                              "is also a fine-tuning task; name another one")
+        self._check_paradigms()
         for name in [*names, self.control_name]:
             self.tasks[name] = self._load_task(name)
         self.timings["load"] = time.perf_counter() - started
+
+    def _check_paradigms(self) -> None:
+        """Build each paradigm once on a copy of the backbone, before any head or step, so
+        that options matching nothing in this model fail now rather than mid-run."""
+        for name, options in self.config.paradigms.items():
+            try:
+                PARADIGM_BUILDERS[name](options).prepare(copy.deepcopy(self.backbone))
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(f"config key 'paradigms.{name}': {exc}") from None
 
     def _load_task(self, name: str) -> Task:
         from orthoreg import zoo
@@ -119,8 +131,11 @@ class Experiment:
             head = zoo.Head.load(head_path)
         else:
             train_x, train_y = splits["train"].tensors
-            head = zoo.fit_head(self.backbone, train_x, train_y, len(data.classes),
-                                shots=cfg.shots, seed=cfg.split_seed)
+            try:
+                head = zoo.fit_head(self.backbone, train_x, train_y, len(data.classes),
+                                    shots=cfg.shots, seed=cfg.split_seed)
+            except ValueError as exc:  # fewer training examples of a class than shots
+                raise ConfigError(f"config key 'data.shots': task {name!r}: {exc}") from None
             head.save(head_path, {"task": name, "model": self.config.model})
             self.ws.finish(head_key, {"task": name})
         head = head.to(self.device).eval().requires_grad_(False)
