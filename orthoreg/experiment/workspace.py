@@ -8,12 +8,18 @@ its checkpoint), while a finished one is never recomputed or overwritten.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 from orthoreg.errors import RunLocked
 from orthoreg.utils.io import atomic_write_json
@@ -24,6 +30,13 @@ LOCK = ".orthoreg.lock"
 def stage_key(kind: str, spec: Mapping[str, Any]) -> str:
     blob = json.dumps({"kind": kind, **spec}, sort_keys=True, default=str)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode("ascii").strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -41,7 +54,8 @@ class Workspace:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self._locked = False
+        self._fd: int | None = None  # the flock'd lock file (POSIX)
+        self._locked = False  # held through the pid-file fallback
 
     def __enter__(self) -> Workspace:
         self.acquire()
@@ -51,9 +65,51 @@ class Workspace:
         self.release()
 
     def acquire(self) -> None:
-        """Take the directory; a second live process is refused, a stale lock is taken over."""
+        """Take the directory; a second live process is refused, a stale lock is taken over.
+
+        On POSIX the lock is an exclusive ``flock`` on the lock file, which the kernel drops
+        when its process dies: a lock is stale exactly when no live process holds it,
+        whatever pid the file names (a crashed run's pid may since belong to an unrelated
+        process) and whether or not its holder has written that pid yet. The pid is only
+        for the message.
+        """
+        if self._fd is not None or self._locked:
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         lock = self.root / LOCK
+        if fcntl is None:  # pragma: no cover - no flock (Windows)
+            self._acquire_by_pid(lock)
+            return
+        for _ in range(100):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise RunLocked(f"{self.root} is in use by process {holder or '?'}; wait for "
+                                "it or choose another --out directory") from None
+            except OSError as exc:  # pragma: no cover - a filesystem without locks
+                os.close(fd)
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._acquire_by_pid(lock)
+                return
+            try:
+                current = os.stat(lock).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                os.close(fd)  # its holder released and removed it after our open: retry
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._fd = fd
+            return
+        raise RunLocked(f"could not lock {self.root}")
+
+    def _acquire_by_pid(self, lock: Path) -> None:
+        """Fallback without flock: an exclusively created file naming a live pid."""
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -74,6 +130,12 @@ class Workspace:
         raise RunLocked(f"could not lock {self.root}")
 
     def release(self) -> None:
+        if self._fd is not None:
+            # unlink while still holding it: a process that opened this file meanwhile
+            # sees, once it gets the flock, that the path no longer names it, and retries
+            (self.root / LOCK).unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
         if self._locked:
             (self.root / LOCK).unlink(missing_ok=True)
             self._locked = False
