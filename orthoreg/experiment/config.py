@@ -130,6 +130,11 @@ _RANGE_TEXT = {"selection.lambdas": "λ values in (0, 1e4]", "alphas.num": "1..2
                "tasks": "a non-empty list without repeats", "train.estimator": "exact|hutchinson"}
 
 
+def _printable(key: Any) -> str:
+    """A key as text for a one-line message: control characters (newlines) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(key))
+
+
 def _check_range(key: str, value: Any) -> None:
     generic = "paradigms.*." + key.rsplit(".", 1)[-1] if key.startswith("paradigms.") else key
     rule = _RANGES.get(key) or _RANGES.get(generic)
@@ -157,7 +162,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
-        return {str(k): _coerce(f"{key}.{k}", args[1], v if v is not None else {})
+        return {str(k): _coerce(f"{key}.{_printable(k)}", args[1], v if v is not None else {})
                 for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
@@ -189,7 +194,7 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in raw if k not in names]
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' "
+        raise ConfigError(f"unknown config key '{prefix}{_printable(unknown[0])}' "
                           f"(known: {', '.join(sorted(names))})")
     values = {}
     for name, value in raw.items():
@@ -208,7 +213,7 @@ def from_mapping(raw: Mapping[str, Any] | None) -> ExperimentConfig:
     config = _build(ExperimentConfig, raw)
     unknown = [p for p in config.paradigms if p not in PARADIGM_NAMES]
     if unknown:
-        raise ConfigError(f"config key 'paradigms.{unknown[0]}': unknown paradigm "
+        raise ConfigError(f"config key 'paradigms.{_printable(unknown[0])}': unknown paradigm "
                           f"(choose from {', '.join(PARADIGM_NAMES)})")
     if not config.paradigms:
         raise ConfigError("config key 'paradigms': at least one paradigm is needed")
