@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from orthoreg.errors import OrthoRegError
+from orthoreg.utils.io import atomic_write_text
 from orthoreg.zoo.clip_templates import (
     DatasetSpec,
     dataset_spec,
@@ -289,7 +290,7 @@ def materialize(split: FolderSplit, size: int, cache_dir: str | os.PathLike[str]
         os.replace(tmp, path)
         meta = {"task": split.task, "split": split.split, "size": size, "count": len(split),
                 "classes": list(split.classes), "root": str(split.root)}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     finally:
         if tmp.exists():
             tmp.unlink()
