@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from orthoreg.errors import OrthoRegError
@@ -179,7 +180,10 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        # torch.load hands a ``*.safetensors`` name to safetensors, which raises its own
+        # error type for a file that is not one
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError,
+                SafetensorError) as exc:
             raise WeightsError(
                 f"{path}: not a safetensors file nor a torch.save state dict of tensors "
                 f"(weights_only=True refuses pickled code) — {exc}"

@@ -189,6 +189,20 @@ def test_hf_state_loader_refuses_pickles(hostile: Hostile, tmp_path: Path):
     assert not marker.exists()
 
 
+def test_clip_weights_and_zero_shot_heads_refuse(hostile: Hostile, tmp_path: Path):
+    """CLIP backbone weights (safetensors or torch.save of tensors only) and cached
+    zero-shot heads: the payload is refused with an OrthoRegFileError."""
+    clip = pytest.importorskip("orthoreg.zoo.clip")
+    marker = tmp_path / "marker"
+    for name in ("weights.pt", "weights.bin", "weights.safetensors"):
+        hostile.write(tmp_path / name, marker)
+        with pytest.raises(OrthoRegFileError):
+            clip.read_weights(tmp_path / name)
+    with pytest.raises(OrthoRegFileError):
+        clip.ZeroShotHead.load(tmp_path / "weights.safetensors")
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------ static scan
 def _calls(tree: ast.AST):
     for node in ast.walk(tree):
