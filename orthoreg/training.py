@@ -175,9 +175,11 @@ class Trainer:
         if path is None:
             return 0
         # a run killed inside an atomic write leaves its temporary file behind: this trainer
-        # owns the directory, so sweep them (they are as large as a checkpoint)
-        for orphan in path.parent.glob(f".{path.name}.*.tmp"):
-            orphan.unlink(missing_ok=True)
+        # owns the directory, so sweep them (they are as large as a checkpoint); rank 0
+        # alone writes checkpoints, so it alone sweeps
+        if self.rank == 0:
+            for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+                orphan.unlink(missing_ok=True)
         if not path.exists():
             return 0
         tensors, meta = read_tensors(path, device="cpu")
