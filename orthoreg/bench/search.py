@@ -1,6 +1,7 @@
 """How fast is the exact coefficient search?  ``python -m orthoreg.bench search``
 
-Two measurements in one run, on MobileNetV2 (the embedded backbone, 64 px random inputs):
+Two measurements in one run, on MobileNetV2 (the embedded backbone, 64 px random inputs;
+about 2 minutes on 2 idle cores at the defaults):
 
 (a) tangent (``linear``) vectors — the one-JVP grid (f0 and J·τ once per batch, features
     f0 + α·J·τ for all 21 α) against evaluating the linearised model separately at every α
@@ -149,7 +150,7 @@ def random_vector(backbone: nn.Module, paradigm: str, scale: float, seed: int) -
 
 
 # ----------------------------------------------------------------------------- main
-def run(images: int = 512, linear_images: int = 128, size: int = 64, num_alphas: int = 21,
+def run(images: int = 256, linear_images: int = 128, size: int = 64, num_alphas: int = 21,
         batch_size: int = 128, classes: int = 10, pretrained: bool = False,
         repeats: int = 1, seed: int = 0) -> dict[str, Any]:
     """All measurements; returns the figures (seconds, ratios, goals) as plain data."""
@@ -201,6 +202,13 @@ def run(images: int = 512, linear_images: int = 128, size: int = 64, num_alphas:
                     backbone.load_state_dict(load_file(str(checkpoint)))
     assert accuracies["inplace_search"] == accuracies["reload_per_alpha"], \
         "in-place search and reload disagree"
+    # the search's own cost, free of forward passes and (being CPU time) of others' load
+    local = resident.localize(full)
+    cpu_start = time.process_time()
+    for alpha in alphas:
+        with resident.edited((local, alpha)):
+            pass
+    edit_ms = (time.process_time() - cpu_start) / len(alphas) * 1e3
 
     # (a) tangent space: one-JVP grid vs the linearised model at each α; the short grid run
     # is timed before and after the long per-α run and averaged, for the same reason
@@ -232,6 +240,7 @@ def run(images: int = 512, linear_images: int = 128, size: int = 64, num_alphas:
             **seconds,
             "linear_one_jvp_grid": grid_seconds, "linear_per_alpha": per_alpha_seconds,
         },
+        "edit_restore_cpu_ms_per_alpha": edit_ms,
         "ratios": {
             "linear_per_alpha_over_grid": per_alpha_seconds / grid_seconds,
             "reload_over_inplace": reload_seconds / search,
@@ -266,6 +275,8 @@ def report(figures: dict[str, Any]) -> str:
              f"{figures['size']} px, batch {figures['batch_size']}, "
              f"{figures['threads']} threads; {figures['machine']}"]
     lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}} s  {d}" for a, b, c, d in rows]
+    lines.append(f"in-place edit + restore of θ0 alone: {figures['edit_restore_cpu_ms_per_alpha']:.1f} "
+                 f"ms CPU per α (bare pass: {1e3 * s['bare_forward_passes'] / n:.0f} ms wall)")
     lines.append(f"linear grid vs per-α accuracies: {figures['linear_grid_agrees_with_per_alpha']}")
     lines.append("goals met: " + ", ".join(f"{k}={v}" for k, v in figures["met"].items()))
     return "\n".join(lines)
@@ -274,7 +285,8 @@ def report(figures: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orthoreg.bench search",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=512, help="validation images (b)")
+    parser.add_argument("--images", type=int, default=256,
+                        help="validation images for (b); 512 doubles its run time")
     parser.add_argument("--linear-images", type=int, default=128,
                         help="validation images for (a); the per-α baseline is 21 JVP passes")
     parser.add_argument("--size", type=int, default=64, help="input resolution in pixels")
