@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from orthoreg.bench import search
+from orthoreg.bench import penalty, search
 
-BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {"search": search.main}
+BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {"search": search.main,
+                                                                  "penalty": penalty.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
