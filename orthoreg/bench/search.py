@@ -1,7 +1,7 @@
 """How fast is the exact coefficient search?  ``python -m orthoreg.bench search``
 
 Two measurements in one run, on MobileNetV2 (the embedded backbone, 64 px random inputs;
-about 2 minutes on 2 idle cores at the defaults):
+80 s at the defaults with ``--threads 1`` on a busy 2-core machine):
 
 (a) tangent (``linear``) vectors — the one-JVP grid (f0 and J·τ once per batch, features
     f0 + α·J·τ for all 21 α) against evaluating the linearised model separately at every α
@@ -11,9 +11,11 @@ about 2 minutes on 2 idle cores at the defaults):
     checkpoint (safetensors → ``load_state_dict``) and apply α·τ at every α; and the search's
     wall time over the same number of bare forward passes. Goal: ≤ 1.10.
 
-A benchmark, not a test: numbers depend on the machine and its load (on a shared machine
-the (b) timings are taken α by α, the three ways back to back in rotating order, so that
-load changes hit them alike). Figures are printed as a table; ``--json PATH`` writes them.
+A benchmark, not a test: numbers depend on the machine and its load. The (b) timings are
+taken α by α, the three ways back to back in rotating order, so that load changes hit them
+alike; on a shared machine also pass ``--threads 1`` (more torch threads than free cores
+make every pass swing by tens of percent). Figures are printed as a table; ``--json PATH``
+writes them.
 """
 
 from __future__ import annotations
@@ -292,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="input resolution in pixels")
     parser.add_argument("--alphas", type=int, default=21, help="grid points in [0, 1]")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 gives stable ratios on a busy machine)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load the embedded ImageNet weights (timing does not need them)")
     parser.add_argument("--repeats", type=int, default=1,
