@@ -12,7 +12,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {"search": search
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = list(argv or [])
     if not args or args[0] not in BENCHMARKS:
         print(f"usage: python -m orthoreg.bench {{{','.join(sorted(BENCHMARKS))}}} [options]",
               file=sys.stderr)
@@ -21,4 +21,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
