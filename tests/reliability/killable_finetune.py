@@ -24,8 +24,10 @@ from orthoreg.training import TrainConfig, TrainResult, finetune
 
 STEPS = 40
 #: seconds slept after each step (in the killable subprocess only), so that random kill
-#: times spread over the whole run rather than all landing after its end
-PAUSE = 0.005
+#: times spread over the whole run rather than all landing after its end. Each attempt is
+#: killed ≤ 0.3 s after its second step, i.e. ≤ ~8 steps in; three attempts stay well
+#: short of STEPS even on an idle machine (a smaller pause let a fast run finish first).
+PAUSE = 0.05
 
 
 def train(workdir: Path, pause: float = 0.0, echo: bool = False) -> tuple[TaskVector, TrainResult]:
