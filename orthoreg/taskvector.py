@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +252,31 @@ class TaskVector(Mapping[str, Tensor]):
         from orthoreg.integrations.hf import task_vector_from_peft
 
         return task_vector_from_peft(adapter, **kw)
+
+
+def check_all_compatible(vectors: Sequence[TaskVector]) -> None:
+    """Raise unless every vector can be combined with every other (keys, shapes, base, paradigm).
+
+    ``check_compatible`` lets a vector without a fingerprint pass, so checking each vector
+    against the first alone would accept [no-fingerprint, A, B]; the identity keys are
+    therefore also compared across all vectors. Messages name the two vectors' indices.
+    """
+    if not vectors:
+        raise ValueError("need at least one task vector")
+    for index, other in enumerate(vectors[1:], start=1):
+        try:
+            vectors[0].check_compatible(other)
+        except TaskVectorMismatch as error:
+            raise TaskVectorMismatch(f"task vectors 0 and {index}: {error}") from error
+    for key in _IDENTITY_KEYS:
+        present = [(i, v.metadata[key]) for i, v in enumerate(vectors)
+                   if v.metadata.get(key) is not None]
+        for index, value in present[1:]:
+            if value != present[0][1]:
+                raise TaskVectorMismatch(
+                    f"task vectors {present[0][0]} and {index} differ in {key}: "
+                    f"{present[0][1]!r} vs {value!r}"
+                )
 
 
 def _as_list(value: Any) -> list[Any]:

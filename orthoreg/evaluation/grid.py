@@ -32,7 +32,7 @@ from orthoreg.evaluation.accuracy import (
 )
 from orthoreg.evaluation.resident import ResidentModel, as_resident
 from orthoreg.paradigms.linear import LinearizedModel
-from orthoreg.taskvector import _IDENTITY_KEYS, TaskVector, TaskVectorMismatch
+from orthoreg.taskvector import TaskVector, TaskVectorMismatch, check_all_compatible
 
 #: (resident backbone, head, batches, localized vectors, coefficients [P, V]) -> labels [P, N]
 GridPredictor = Callable[[ResidentModel, nn.Module, EvalBatches, list[TaskVector], Tensor], Tensor]
@@ -64,22 +64,7 @@ def check_vectors(vectors: Sequence[Mapping[str, Tensor]]) -> list[TaskVector]:
     keys are also compared across all vectors, not only against the first.
     """
     out = [v if isinstance(v, TaskVector) else TaskVector(v) for v in vectors]
-    if not out:
-        raise ValueError("need at least one task vector")
-    for index, other in enumerate(out[1:], start=1):
-        try:
-            out[0].check_compatible(other)
-        except TaskVectorMismatch as error:
-            raise TaskVectorMismatch(f"task vectors 0 and {index}: {error}") from error
-    for key in _IDENTITY_KEYS:
-        present = [(i, v.metadata[key]) for i, v in enumerate(out)
-                   if v.metadata.get(key) is not None]
-        for index, value in present[1:]:
-            if value != present[0][1]:
-                raise TaskVectorMismatch(
-                    f"task vectors {present[0][0]} and {index} differ in {key}: "
-                    f"{present[0][1]!r} vs {value!r}"
-                )
+    check_all_compatible(out)
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from orthoreg.taskvector import _IDENTITY_KEYS, TaskVector, TaskVectorMismatch
+from orthoreg.taskvector import _IDENTITY_KEYS, TaskVector, check_all_compatible
 
 #: (tensor name, the T task tensors for that name) -> the merged tensor
 TensorMerge = Callable[[str, Sequence[Tensor]], Tensor]
@@ -32,21 +32,7 @@ def check_mergeable(task_vectors: Iterable[TaskVector]) -> list[TaskVector]:
     for index, vector in enumerate(vectors):
         if not isinstance(vector, TaskVector):
             raise TypeError(f"item {index} is a {type(vector).__name__}, not a TaskVector")
-    reference = vectors[0]
-    for index, other in enumerate(vectors[1:], start=1):
-        try:
-            reference.check_compatible(other)
-        except TaskVectorMismatch as error:
-            raise TaskVectorMismatch(f"task vectors 0 and {index}: {error}") from error
-    for key in _IDENTITY_KEYS:
-        present = [(i, v.metadata[key]) for i, v in enumerate(vectors)
-                   if v.metadata.get(key) is not None]
-        for index, value in present[1:]:
-            if value != present[0][1]:
-                raise TaskVectorMismatch(
-                    f"task vectors {present[0][0]} and {index} differ in {key}: "
-                    f"{present[0][1]!r} vs {value!r}"
-                )
+    check_all_compatible(vectors)
     return vectors
 
 
