@@ -290,10 +290,11 @@ class Trainer:
                 self._check_finite("task loss", torch.tensor(task_total))
             penalty_value = 0.0
             if self.reg is not None:
-                penalty = self.reg()
-                self._check_finite("penalty", penalty.detach())
-                (cfg.lam * penalty).backward()
-                penalty_value = float(penalty.detach())
+                # value and λ·∇R straight into .grad (one pass over ΔW); a non-finite value
+                # stops the step below, before the optimizer touches anything
+                penalty = self.reg.accumulate_grad(cfg.lam)
+                self._check_finite("penalty", penalty)
+                penalty_value = float(penalty)
             grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
             # the norm first, then the check, then the clip (= clip_grad_norm_): clipping by
             # a NaN norm would turn every gradient NaN and hide which one was the first

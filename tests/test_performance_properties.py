@@ -16,11 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from orthoreg.paradigms import Full, Partial
+from orthoreg.paradigms import Full, Lora, Partial
 from orthoreg.regularizer import (
     OrthoReg,
+    _gram_minus_identity,
+    _symmetric_gram_minus_identity,
     fused_hutchinson,
     fused_penalty,
+    gram_flop_factor,
     hutchinson_penalty,
     orthoreg_penalty,
     rademacher,
@@ -118,6 +121,90 @@ def test_orthoreg_matches_the_definition_on_a_model_with_several_groups(conv_net
             torch.testing.assert_close(params[name].grad, grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(2, 700, 300), (2, 300, 700), (1, 600, 600), (3, 200, 90)],
+                         ids=["tall-2-blocks", "wide-2-blocks", "square-4-blocks", "unblocked"])
+def test_symmetric_gram_from_upper_blocks_equals_the_full_gram(shape):
+    """Computing G − I from its blocks on and above the diagonal changes nothing."""
+    deltas = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_symmetric_gram_minus_identity(deltas),
+                               _gram_minus_identity(deltas), rtol=1e-12, atol=1e-12)
+    assert gram_flop_factor(min(shape[1:])) == {90: 1.0, 300: 0.75, 600: 0.625}[min(shape[1:])]
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_fused_penalty_with_a_blocked_gram_matches_the_definition(squared):
+    weights, references = weights_and_references((520, 300), count=2, seed=5)
+    batched = fused_penalty(weights, references, squared=squared)
+    looped = [orthoreg_penalty(w - r, squared=squared) for w, r in zip(weights, references)]
+    torch.testing.assert_close(batched, torch.stack(looped), rtol=1e-11, atol=1e-9)
+    for got, expected in zip(torch.autograd.grad(batched.sum(), weights),
+                             loop_grads(weights, looped)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-9)
+
+
+class WideAndTall(nn.Module):
+    """Equal-shape groups, tall and wide matrices, a conv kernel and a blocked (300-wide) Gram."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.up = nn.ModuleList(nn.Linear(6, 300, bias=False) for _ in range(2))  # tall 300×6
+        self.down = nn.Linear(300, 5)  # wide 5×300
+        self.square = nn.Linear(300, 300, bias=False)  # 300², Gram in 2 blocks
+
+
+@pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_accumulate_grad_equals_backward_through_the_penalty(estimator, squared):
+    """reg.accumulate_grad(λ) adds to .grad what (λ·reg()).backward() would, same value,
+    same probes; existing gradients are kept, missing ones created."""
+    torch.manual_seed(0)
+    results = []
+    for fused in (False, True):
+        model = WideAndTall().double()
+        reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
+                                          dtype=p.dtype))
+        reg = OrthoReg(model, reference=reference, squared=squared, estimator=estimator,
+                       probes=3, generator=torch.Generator().manual_seed(9))
+        model.up[0].weight.grad = torch.full_like(model.up[0].weight, 0.25)  # kept, added to
+        if fused:
+            value = reg.accumulate_grad(0.7)
+            assert not value.requires_grad
+        else:
+            value = reg()
+            (0.7 * value).backward()
+        results.append((value.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (value_a, grads_a), (value_b, grads_b) = results
+    torch.testing.assert_close(value_b, value_a, rtol=1e-12, atol=1e-12)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        if grads_a[name] is None:
+            assert grads_b[name] is None, name
+        else:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-10, atol=1e-12)
+
+
+def test_accumulate_grad_covers_lora_adapters_in_lowrank_form(conv_net):
+    model = Lora(targets=["pointwise", "fc"], rank=2, alpha=4.0).prepare(conv_net())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    reg = model.regularizer()
+    (2.0 * reg()).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    value = reg.accumulate_grad(2.0)
+    assert float(value) == pytest.approx(float(reg().detach()))
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and got
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name])
+
+
 # --------------------------------------------------------------------------- Hutchinson
 @pytest.mark.parametrize("shape", [(12, 6), (6, 12)], ids=["tall", "wide"])
 def test_orthoreg_hutchinson_is_unbiased_in_value_and_gradient(shape):
@@ -206,9 +293,9 @@ class CountingPenalty:
     def __init__(self, reg: OrthoReg) -> None:
         self.reg, self.calls, self.addresses = reg, 0, []
 
-    def __call__(self) -> Tensor:
+    def accumulate_grad(self, scale: float) -> Tensor:
         self.calls += 1
-        value = self.reg()
+        value = self.reg.accumulate_grad(scale)
         self.addresses.append(addresses(self.reg))
         return value
 
