@@ -1,0 +1,70 @@
+"""``python -m orthoreg.bench penalty``: its FLOP model, its verdicts, and a toy-size run.
+
+Timings are not checked (a benchmark, not a timed test); what is checked is that the
+predictions it prints beside them follow from the shapes, and that a verdict says MISSED
+when a figure misses its goal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orthoreg.bench.penalty import (
+    PAPER_OURS_GOAL,
+    VIT_B32,
+    VIT_L14,
+    goals,
+    main,
+    ours_matrix_flops,
+    predicted_ratios,
+)
+
+
+def test_ours_counts_upper_gram_blocks_and_one_backward_product():
+    # 768 wide: 4 blocks, 5/8 of the 2·m·n·k forward, + 2·m·n·k backward = 3.25·m·n·k
+    assert ours_matrix_flops(3072, 768) == pytest.approx(3.25 * 3072 * 768 * 768)
+    assert ours_matrix_flops(768, 3072) == ours_matrix_flops(3072, 768)
+    assert ours_matrix_flops(64, 32) == pytest.approx(4.0 * 64 * 32 * 32)  # unblocked
+
+
+def test_per_micro_batch_penalty_scales_with_accumulation_and_once_per_step_does_not():
+    rows = predicted_ratios(VIT_B32, 128, probes=8)
+    assert [r["accumulation"] for r in rows] == [1, 2, 4, 8]
+    base = rows[0]["per_micro_batch_issue_formula"] - 1
+    for row in rows:
+        assert row["per_micro_batch_issue_formula"] - 1 == pytest.approx(base * row["accumulation"])
+        assert row["once_per_step_issue_formula"] == pytest.approx(1 + base)
+        assert 1 < row["once_per_step_hutchinson"] < row["once_per_step_ours"]
+        assert row["once_per_step_ours"] - 1 == pytest.approx(base * 3.25 / 6, rel=0.01)
+    # the bigger model has more tokens per weight: the same penalty is a smaller share
+    assert predicted_ratios(VIT_L14, 128, 8)[0]["once_per_step_ours"] < rows[0]["once_per_step_ours"]
+
+
+def test_verdicts_say_missed_when_a_figure_misses():
+    paper = [{**row, "once_per_step_ours": PAPER_OURS_GOAL + 0.01}
+             for row in predicted_ratios(VIT_B32, 128, 8)]
+    figures = {"rows": [{"workload": "vit_full", "variant": "hutchinson k=8", "ratio": 1.5,
+                         "batch": 4, "extrapolated_batch128": 1.01}],
+               "paper_setting": paper}
+    verdicts = goals(figures, probes=8)
+    ours = next(v for k, v in verdicts.items() if "ViT-B/32" in k and "ours" in k)
+    assert ours.startswith(f"{PAPER_OURS_GOAL + 0.01:.4f} predicted (MISSED)")
+    hutch = next(v for k, v in verdicts.items() if k.startswith("Hutchinson"))
+    assert "(MISSED)" in hutch
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_penalty_benchmark_runs_at_toy_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "penalty.json"
+    code = main(["--only", "cnn_full", "--steps", "1", "--warmup", "0", "--no-memory",
+                 "--cnn-batch", "2", "--cnn-image", "16", "--json", str(out)])
+    assert code == 0
+    figures = json.loads(out.read_text())
+    assert [row["variant"] for row in figures["rows"]] == ["off", "exact"]
+    exact = figures["rows"][1]
+    assert exact["penalty_gflop_ours"] < exact["penalty_gflop_issue_formula"]
+    assert exact["predicted_ours"] > 1.0
+    assert "cnn_full" in capsys.readouterr().out
