@@ -24,8 +24,8 @@ class DirectFineTunable(FineTunable):
 
     θ0 is the only copy of the reference weights: it is stored stacked, one buffer per
     (matrix shape, dtype, covered by OrthoReg's default selection), in parameter order, and
-    :meth:`regularizer` hands OrthoReg views into these stacks, which it borrows whole, so
-    ΔW of a group of equal-shape matrices is two whole-stack ops and no second θ0 exists.
+    :meth:`regularizer` hands OrthoReg views into these stacks, which it borrows rather than
+    copies, so no second θ0 exists.
     """
 
     def __init__(self, backbone: nn.Module, paradigm: str, trained: list[str]) -> None:
