@@ -318,8 +318,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['task_loss']:.3f}", pen=f"{penalty_value:.3g}",
                                 acc=f"{record['acc']:.2f}", refresh=False)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                # never replace a good checkpoint with one that could not resume
+            if self.workdir is not None and (
+                    self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                # never replace a good checkpoint with one that could not resume (a full
+                # scan of the weights: only where a checkpoint is written)
                 poisoned = _first_nonfinite({n: p.detach() for n, p in self.params.items()})
                 if poisoned is not None:
                     raise NonFiniteError(f"step {self.step}: parameter {poisoned!r} is not "

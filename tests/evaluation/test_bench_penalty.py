@@ -47,7 +47,7 @@ def test_verdicts_say_missed_when_a_figure_misses():
     paper = [{**row, "once_per_step_ours": PAPER_OURS_GOAL + 0.01}
              for row in predicted_ratios(VIT_B32, 128, 8)]
     figures = {"rows": [{"workload": "vit_full", "variant": "hutchinson k=8", "ratio": 1.5,
-                         "batch": 4, "extrapolated_batch128": 1.01}],
+                         "batch": 4, "extrapolated_batch128": 1.01, "paired_ratio": 1.4}],
                "paper_setting": paper}
     verdicts = goals(figures, probes=8)
     ours = next(v for k, v in verdicts.items() if "ViT-B/32" in k and "ours" in k)
