@@ -68,3 +68,16 @@ def test_penalty_benchmark_runs_at_toy_size(tmp_path: Path, capsys: pytest.Captu
     assert exact["penalty_gflop_ours"] < exact["penalty_gflop_issue_formula"]
     assert exact["predicted_ours"] > 1.0
     assert "cnn_full" in capsys.readouterr().out
+
+
+def test_bytes_model_counts_eight_passes_with_a_reference_and_seven_without():
+    from torch import nn
+
+    from orthoreg.bench.penalty import hutchinson_bytes, stream_bandwidth
+    from orthoreg.regularizer import OrthoReg
+
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.Linear(5, 6, bias=False))
+    weight_bytes = 2 * 30 * 4
+    assert hutchinson_bytes(OrthoReg(model, estimator="hutchinson")) == 8 * weight_bytes
+    assert hutchinson_bytes(OrthoReg(model, reference="zero")) == 7 * weight_bytes
+    assert stream_bandwidth(OrthoReg(model)) > 0
