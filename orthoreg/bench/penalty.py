@@ -756,4 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # the memory probes re-run this module in a subprocess
+    from orthoreg.utils.allocator import tune_allocator
+
+    tune_allocator()
     raise SystemExit(main(sys.argv[1:]))

@@ -9,6 +9,7 @@ import traceback
 
 from orthoreg.cli.registry import COMMANDS, UsageError
 from orthoreg.errors import OrthoRegError
+from orthoreg.utils.allocator import tune_allocator
 
 #: modules that register subcommands (imported lazily so `orthoreg --help` stays fast)
 COMMAND_MODULES = ("orthoreg.cli.commands",)
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad arguments
+    tune_allocator()  # CPU loops re-fault freed activation pages otherwise (utils.allocator)
     try:
         return int(args._run(args) or 0)
     except (OrthoRegError, UsageError, OSError) as exc:
