@@ -19,7 +19,7 @@ regression fitted on a few examples per class (``--shots``) on the *pretrained* 
 L2-normalised sentence embeddings, then frozen; fine-tuning moves only the encoder —
 attention weights (query/key/value/output, no biases: ``--paradigm attention``) or LoRA
 adapters on the same four projections (``--paradigm lora``). Task vectors come from
-``TaskVector.from_pretrained`` / ``TaskVector.from_peft``; task addition θ0 + α·Σ τ_t is
+``task_vector_from_pretrained`` / ``task_vector_from_peft``; task addition θ0 + α·Σ τ_t is
 evaluated on a grid of α, α chosen on validation by mean normalised accuracy
 (normalised = merged accuracy / the task's own fine-tuned accuracy, DESIGN §2), and test
 accuracy is reported with pairwise task-vector cosines and norms. ``--export`` writes the
@@ -235,8 +235,11 @@ def finetune(encoder: nn.Module, head: nn.Linear, dataset: list[dict[str, Tensor
              task: str, lam: float, opts: argparse.Namespace, out: Path) -> tuple[Any, dict]:
     from transformers import TrainingArguments
 
-    from orthoreg import TaskVector
-    from orthoreg.integrations.hf import OrthoRegTrainer
+    from orthoreg.integrations.hf import (
+        OrthoRegTrainer,
+        task_vector_from_peft,
+        task_vector_from_pretrained,
+    )
 
     model = prepare(encoder, opts.paradigm, opts.rank)
     lr = opts.lr if opts.lr is not None else (1e-3 if opts.paradigm == "lora" else 1e-4)
@@ -255,9 +258,9 @@ def finetune(encoder: nn.Module, head: nn.Linear, dataset: list[dict[str, Tensor
     meta = {"task": task, "lambda": lam, "squared": False, "seed": opts.seed,
             "steps": opts.steps, "lr": lr}
     if opts.paradigm == "lora":
-        vector = TaskVector.from_peft(model, base=encoder, metadata=meta)
+        vector = task_vector_from_peft(model, base=encoder, metadata=meta)
     else:
-        vector = TaskVector.from_pretrained(
+        vector = task_vector_from_pretrained(
             encoder, model, include=[f"*.{target}.weight" for target in ATTENTION],
             paradigm="partial", metadata=meta,
         )

@@ -4,6 +4,10 @@
 arithmetic is literally vector arithmetic, so the type should read that way. Every
 operation checks that both sides come from the same base model and paradigm and name the
 same tensors with the same shapes; a mismatch fails loudly, naming the first offender.
+
+TaskVector is the lowest data type here and must not know any training stack, so it has
+no constructors from one: those live with their bridge (e.g.
+:func:`orthoreg.integrations.hf.task_vector_from_pretrained`).
 """
 
 from __future__ import annotations
@@ -229,29 +233,6 @@ class TaskVector(Mapping[str, Tensor]):
         if not tensors:
             raise TaskVectorMismatch(f"{path}: holds no tensors")
         return cls(tensors, meta)
-
-    # ----------------------------------------------------------------- Hugging Face
-    @classmethod
-    def from_pretrained(cls, base: Any, finetuned: Any, **kw: Any) -> TaskVector:
-        """τ from two transformers models or checkpoint directories, in the base's names.
-
-        Imported lazily so the core package never needs transformers; see
-        :func:`orthoreg.integrations.hf.task_vector_from_pretrained`.
-        """
-        from orthoreg.integrations.hf import task_vector_from_pretrained
-
-        return task_vector_from_pretrained(base, finetuned, **kw)
-
-    @classmethod
-    def from_peft(cls, adapter: Any, **kw: Any) -> TaskVector:
-        """Dense s·B·A per adapted module from a PEFT model or a saved adapter directory.
-
-        See :func:`orthoreg.integrations.hf.task_vector_from_peft` (``base=`` renames into
-        a base model's parameter names and records its fingerprint).
-        """
-        from orthoreg.integrations.hf import task_vector_from_peft
-
-        return task_vector_from_peft(adapter, **kw)
 
 
 def check_all_compatible(vectors: Sequence[TaskVector]) -> None:

@@ -45,6 +45,7 @@ from orthoreg.integrations.hf import (  # noqa: E402
     merged_copy,
     save_merged,
     task_vector_from_peft,
+    task_vector_from_pretrained,
 )
 from orthoreg.regularizer import OrthoReg, orthoreg_penalty  # noqa: E402
 
@@ -272,7 +273,7 @@ def test_from_peft_equals_merged_weight_difference(
     encoder: nn.Module, classifier: nn.Module, tmp_path: Path
 ) -> None:
     peft_model = perturbed_lora(encoder)
-    vector = TaskVector.from_peft(peft_model)
+    vector = task_vector_from_peft(peft_model)
     merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
     base = encoder.state_dict()
     assert sorted(vector) == sorted(
@@ -286,7 +287,7 @@ def test_from_peft_equals_merged_weight_difference(
     # a PeftModel nested in a task wrapper gives the same vector once renamed by base=
     wrapper = nn.Module()
     wrapper.encoder = peft_model
-    nested = TaskVector.from_peft(wrapper, base=encoder)
+    nested = task_vector_from_peft(wrapper, base=encoder)
     assert nested.keys() == vector.keys()
 
     # the same update read straight from a saved adapter (no base model needed)
@@ -308,9 +309,9 @@ def test_from_pretrained_paths_modules_and_names(
     finetuned = copy.deepcopy(classifier)
     with torch.no_grad():
         finetuned.bert.encoder.layer[0].attention.self.query.weight.add_(0.01)
-    from_modules = TaskVector.from_pretrained(classifier, finetuned)
+    from_modules = task_vector_from_pretrained(classifier, finetuned)
     finetuned.save_pretrained(tmp_path / "ft")
-    from_paths = TaskVector.from_pretrained(encoder, tmp_path / "ft")  # BertModel names
+    from_paths = task_vector_from_pretrained(encoder, tmp_path / "ft")  # BertModel names
     assert "encoder.layer.0.attention.self.query.weight" in from_paths
     assert "bert.encoder.layer.0.attention.self.query.weight" in from_modules
     assert "classifier.weight" in from_paths.metadata["not_in_base"]
@@ -334,12 +335,12 @@ def test_save_merged_reloads_to_the_same_logits(
     classifier: nn.Module, encoder: nn.Module, model_path: Path, tmp_path: Path
 ) -> None:
     peft_model = perturbed_lora(encoder)
-    vector = TaskVector.from_peft(peft_model, metadata={"task": "toy", "lambda": 1.0})
+    vector = task_vector_from_peft(peft_model, metadata={"task": "toy", "lambda": 1.0})
     first = copy.deepcopy(classifier)  # a second, dense vector on the head and one layer
     with torch.no_grad():
         first.classifier.weight.mul_(2.0)
         first.bert.encoder.layer[1].output.dense.weight.add_(0.01)
-    other = TaskVector.from_pretrained(classifier, first, metadata={"task": "dense"})
+    other = task_vector_from_pretrained(classifier, first, metadata={"task": "dense"})
     # one model from both: LoRA names are BertModel's, the base is the classifier
     out = save_merged(classifier, vector, 0.7, tmp_path / "merged",
                       {"method": "task_arithmetic", "note": "test"},
