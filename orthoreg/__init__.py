@@ -1,7 +1,6 @@
 """orthoreg: orthogonality-regularised fine-tuning for composable task arithmetic."""
 
-__version__ = "0.1.0"
-
+from orthoreg._version import __version__
 from orthoreg.regularizer import OrthoReg, lowrank_penalty, orthoreg_penalty
 from orthoreg.taskvector import TaskVector, TaskVectorMismatch
 

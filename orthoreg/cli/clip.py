@@ -69,10 +69,10 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
 @command("finetune", "fine-tune an open_clip ViT on one image-folder task (CLIP recipe; "
          "torchrun for several GPUs)", _configure_finetune)
 def finetune(args: argparse.Namespace) -> int:
-    from orthoreg.zoo.clip import require_open_clip
+    from orthoreg.clip.model import require_open_clip
 
     require_open_clip()
-    from orthoreg.zoo.clip_run import FinetuneSpec, finetune_task, record_summary
+    from orthoreg.clip.run import FinetuneSpec, finetune_task, record_summary
 
     for name in ("batch_size", "accumulation", "steps", "lora_rank", "eval_batch_size",
                  "checkpoint_every"):
@@ -133,7 +133,7 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _addition(args: argparse.Namespace, options: Any) -> dict[str, Any]:
-    from orthoreg.zoo.clip_run import evaluate_addition
+    from orthoreg.clip.run import evaluate_addition
 
     result = evaluate_addition(args.run, options, alphas=args.alphas, merge=args.merge)
     print(f"task addition ({result['paradigm']}, {result['merge']}): α = {result['alpha']:g}, "
@@ -144,7 +144,7 @@ def _addition(args: argparse.Namespace, options: Any) -> dict[str, Any]:
 
 
 def _negation(args: argparse.Namespace, options: Any) -> dict[str, Any]:
-    from orthoreg.zoo.clip_run import evaluate_negation
+    from orthoreg.clip.run import evaluate_negation
 
     result = evaluate_negation(args.run, options, control=args.control, alphas=args.alphas,
                                thresholds=args.thresholds)
@@ -166,11 +166,11 @@ PROTOCOLS: dict[str, Callable[[argparse.Namespace, Any], dict[str, Any]]] = {
 @command("evaluate", "task addition / negation over CLIP runs (α chosen on val splits)",
          _configure_evaluate)
 def evaluate(args: argparse.Namespace) -> int:
-    from orthoreg.zoo.clip import require_open_clip
+    from orthoreg.clip.model import require_open_clip
 
     require_open_clip()
+    from orthoreg.clip.run import EvalOptions
     from orthoreg.utils.io import atomic_write_json
-    from orthoreg.zoo.clip_run import EvalOptions
 
     options = EvalOptions(data_root=args.data_root, weights=args.weights, cache=args.cache,
                           device=args.device, batch_size=args.batch_size,

@@ -1,7 +1,7 @@
 """``orthoreg diagnose --run DIR``: the composability diagnostics of a finished run.
 
 Registered into the CLI by ``orthoreg.cli`` (an optional command module). The work is in
-:func:`orthoreg.diagnostics.rundir.diagnose_run`; this module only maps flags to options.
+:func:`orthoreg.experiment.diagnose.diagnose_run`; this module only maps flags to options.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def diagnose(args: argparse.Namespace) -> int:
     import torch
 
-    from orthoreg.diagnostics.rundir import DiagnoseOptions, diagnose_run
     from orthoreg.diagnostics.specialization import OBJECTIVES
+    from orthoreg.experiment.diagnose import DiagnoseOptions, diagnose_run
 
     if args.objective not in OBJECTIVES:
         raise UsageError(f"unknown --objective {args.objective!r}; choose from "

@@ -10,8 +10,9 @@ any backbone + heads + task vectors, without an experiment:
   R(ΔW), singular spectra and column-angle histograms of each ΔW;
 - :mod:`~orthoreg.diagnostics.disentanglement` — the weight-disentanglement error
   ξ(α1, α2) of Ortiz-Jiménez et al. (2023) on a grid, in place on one resident model;
-- :mod:`~orthoreg.diagnostics.plots` — the figures; :mod:`~orthoreg.diagnostics.rundir`
-  — all of it for a finished run directory (``orthoreg diagnose --run DIR``).
+- :mod:`~orthoreg.diagnostics.plots` — the figures. Running all of it over a finished run
+  directory (``orthoreg diagnose --run DIR``) is the experiment's job:
+  :mod:`orthoreg.experiment.diagnose`.
 
 Without an experiment::
 

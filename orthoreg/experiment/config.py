@@ -242,14 +242,14 @@ def _check_names(config: ExperimentConfig) -> None:
     import torch
 
     from orthoreg.merging import available
-    from orthoreg.zoo.datasets import TASKS
-    from orthoreg.zoo.models import MODELS
+    from orthoreg.zoo.registry import all_models, family_of
 
-    _known("model", config.model, MODELS, "model")
+    _known("model", config.model, all_models(), "model")
+    tasks = family_of(config.model).tasks()
     for index, task in enumerate(config.tasks):
-        _known(f"tasks[{index}]", task, TASKS, "task")
+        _known(f"tasks[{index}]", task, tasks, "task")
     if config.control is not None:
-        _known("control", config.control, TASKS, "task")
+        _known("control", config.control, tasks, "task")
         if config.control in config.tasks:
             raise ConfigError(f"config key 'control': {config.control!r} is also a fine-tuning "
                               "task (the control must be a task no vector was trained on)")

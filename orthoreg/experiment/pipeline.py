@@ -90,15 +90,16 @@ class Experiment:
 
     # ------------------------------------------------------------------ setup
     def _load(self) -> None:
-        from orthoreg import zoo
+        from orthoreg.zoo.registry import family_of
 
         cfg = self.config
         started = time.perf_counter()
-        self.backbone = zoo.get_model(cfg.model).to(self.device).eval()
+        self.family = family_of(cfg.model)
+        self.backbone = self.family.get_model(cfg.model).to(self.device).eval()
         self.backbone.requires_grad_(False)
         self.tasks: dict[str, Task] = {}
         names = list(cfg.tasks)
-        self.control_name = cfg.control or zoo.CONTROL_TASK
+        self.control_name = cfg.control or self.family.control
         if self.control_name in names:
             raise ConfigError(f"config key 'control': the control task {self.control_name!r} "
                               "is also a fine-tuning task; name another one")
@@ -117,30 +118,22 @@ class Experiment:
                 raise ConfigError(f"config key 'paradigms.{name}': {exc}") from None
 
     def _load_task(self, name: str) -> Task:
-        from orthoreg import zoo
-
-        cfg = self.config.data
-        data = zoo.get_task(name, seed=cfg.split_seed, max_train=cfg.max_train,
-                            max_val=cfg.max_val, max_test=cfg.max_test)
-        splits = zoo.task_datasets(data, cfg.resolution, self.backbone.mean, self.backbone.std)
-        head_key = stage_key("head", {"model": self.config.model, "task": name,
-                                      "splits": data.splits, "shots": cfg.shots,
-                                      "resolution": cfg.resolution, "seed": cfg.split_seed})
+        data = self.config.data
+        prepared = self.family.prepare(self.backbone, name, data)
+        head_key = stage_key("head", self.family.head_spec(self.config.model, prepared, data))
         head_path = self.ws.stage_dir(head_key) / "head.safetensors"
         if self.ws.done(head_key):
-            head = zoo.Head.load(head_path)
+            head = self.family.load_head(head_path)
         else:
-            train_x, train_y = splits["train"].tensors
             try:
-                head = zoo.fit_head(self.backbone, train_x, train_y, len(data.classes),
-                                    shots=cfg.shots, seed=cfg.split_seed)
-            except ValueError as exc:  # fewer training examples of a class than shots
+                head = self.family.build_head(self.backbone, prepared, data)
+            except ValueError as exc:  # e.g. fewer training examples of a class than shots
                 raise ConfigError(f"config key 'data.shots': task {name!r}: {exc}") from None
-            head.save(head_path, {"task": name, "model": self.config.model})
+            self.family.save_head(head, head_path, {"task": name, "model": self.config.model})
             self.ws.finish(head_key, {"task": name})
         head = head.to(self.device).eval().requires_grad_(False)
-        return Task(name, head, splits["train"], splits["val"], splits["test"],
-                    len(data.classes), dict(data.splits))
+        return Task(name, head, prepared.train, prepared.val, prepared.test,
+                    len(prepared.classes), dict(prepared.splits))
 
     # ------------------------------------------------------------------ stages
     def _train_config(self, candidate: Candidate, seed: int) -> TrainConfig:

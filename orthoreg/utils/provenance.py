@@ -48,7 +48,7 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    from orthoreg import __version__
+    from orthoreg._version import __version__
 
     found = {
         "orthoreg": __version__,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthoreg.zoo.clip_data import (
+from orthoreg.clip.data import (
     LAYOUT,
     FolderDataset,
     MissingDataError,

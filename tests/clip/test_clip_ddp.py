@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from orthoreg.clip.run import FinetuneSpec, finetune_task, load_run
 from orthoreg.taskvector import TaskVector
-from orthoreg.zoo.clip_run import FinetuneSpec, finetune_task, load_run
 
 from .conftest import needs_open_clip
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from orthoreg.cli import main
+from orthoreg.clip.data import load_task
+from orthoreg.clip.model import ClipModelSpec, load_clip, vision_backbone, zeroshot_head
+from orthoreg.clip.recipe import build_paradigm
 from orthoreg.evaluation import accuracy
 from orthoreg.training import TrainConfig, finetune
-from orthoreg.zoo.clip import ClipModelSpec, load_clip, vision_backbone, zeroshot_head
-from orthoreg.zoo.clip_data import load_task
-from orthoreg.zoo.clip_recipe import build_paradigm
 
 from .conftest import TINY_NAME, needs_open_clip
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthoreg.zoo.clip import (
+from orthoreg.clip.model import (
     ClipModelSpec,
     WeightsError,
     ZeroShotHead,
@@ -95,7 +95,7 @@ def test_quick_gelu_is_applied_when_asked(tiny_weights: Path) -> None:
 
 def test_backbone_names_attention_for_the_vit_presets(clip_model: nn.Module,
                                                       spec: ClipModelSpec) -> None:
-    from orthoreg.zoo.clip_recipe import build_paradigm
+    from orthoreg.clip.recipe import build_paradigm
 
     backbone = vision_backbone(clip_model, spec)
     attention = {n: m for n, m in backbone.named_modules() if n.endswith(".attn")}
@@ -147,7 +147,7 @@ def test_zero_shot_head_is_the_normalised_template_average(clip_model: nn.Module
 
 def test_heads_are_cached_by_fingerprint(clip_model: nn.Module, spec: ClipModelSpec,
                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import orthoreg.zoo.clip as clip_module
+    import orthoreg.clip.model as clip_module
 
     names, templates = ["0", "1", "2"], ('a photo of the number: "{}".',)
     first = zeroshot_head(clip_model, spec, "MNIST", names, templates, tmp_path)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from orthoreg.zoo.clip_recipe import (
+from orthoreg.clip.recipe import (
     PARADIGM_RECIPES,
     batch_preset,
     build_paradigm,
     recipe_steps,
     train_config,
 )
-from orthoreg.zoo.clip_templates import (
+from orthoreg.clip.templates import (
     DATASETS,
     PAPER_TASKS,
     base_task_name,

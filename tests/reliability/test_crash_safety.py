@@ -49,7 +49,7 @@ ALLOWED = {
     ("orthoreg/bench/search.py", "save_file"): "a scratch file in a TemporaryDirectory",
     ("orthoreg/diagnostics/plots.py", "savefig"): "into a BytesIO, then atomic_write_bytes",
     ("orthoreg/experiment/report.py", "savefig"): "into a BytesIO, then atomic_write_bytes",
-    ("orthoreg/zoo/clip_data.py", "np.save"): "a temporary name, then os.replace",
+    ("orthoreg/clip/data.py", "np.save"): "a temporary name, then os.replace",
 }
 
 

@@ -30,7 +30,7 @@ from orthoreg.errors import ConfigError, OrthoRegError
 from orthoreg.experiment.config import ExperimentConfig, from_mapping, load_config
 from orthoreg.taskvector import TaskVector
 from orthoreg.utils.io import OrthoRegFileError, read_tensors
-from orthoreg.zoo.heads import Head
+from orthoreg.zoo.vision.heads import Head
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow,

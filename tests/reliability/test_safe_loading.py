@@ -24,8 +24,8 @@ from orthoreg.experiment.pipeline import Experiment
 from orthoreg.taskvector import TaskVector
 from orthoreg.training import CHECKPOINT, TrainConfig, finetune
 from orthoreg.utils.io import OrthoRegFileError, read_tensors
-from orthoreg.zoo.datasets import UnsafePickle, safe_unpickle
-from orthoreg.zoo.heads import Head
+from orthoreg.zoo.vision.datasets import UnsafePickle, safe_unpickle
+from orthoreg.zoo.vision.heads import Head
 
 
 def test_the_hostile_files_do_run_code_when_unpickled(hostile: Hostile, tmp_path: Path):
@@ -192,7 +192,7 @@ def test_hf_state_loader_refuses_pickles(hostile: Hostile, tmp_path: Path):
 def test_clip_weights_and_zero_shot_heads_refuse(hostile: Hostile, tmp_path: Path):
     """CLIP backbone weights (safetensors or torch.save of tensors only) and cached
     zero-shot heads: the payload is refused with an OrthoRegFileError."""
-    clip = pytest.importorskip("orthoreg.zoo.clip")
+    clip = pytest.importorskip("orthoreg.clip.model")
     marker = tmp_path / "marker"
     for name in ("weights.pt", "weights.bin", "weights.safetensors"):
         hostile.write(tmp_path / name, marker)

@@ -39,14 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from orthoreg.errors import OrthoRegError
-from orthoreg.utils.io import OrthoRegFileError, read_tensors, save_tensors
+from orthoreg.heads import ZeroShotHead, zeroshot_weights
+from orthoreg.utils.io import OrthoRegFileError
 
-HEAD_KIND = "orthoreg.clip_zeroshot_head"
 #: OpenAI CLIP's normalisation, open_clip's default for its ViTs
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -252,7 +251,7 @@ class CLIPVisionBackbone(nn.Module):
     """CLIP's image tower, ``forward(x) → (N, D)`` image features (before normalisation).
 
     Accepts float inputs already normalised with ``mean``/``std``, or uint8 images
-    ``(N, 3, S, S)`` (as :mod:`orthoreg.zoo.clip_data` caches them), normalised here. The
+    ``(N, 3, S, S)`` (as :mod:`orthoreg.clip.data` caches them), normalised here. The
     normalisation constants are non-persistent buffers: they move with ``.to(device)`` but
     are not part of θ0, its fingerprint, or any task vector.
     """
@@ -310,56 +309,18 @@ def vision_backbone(model: nn.Module, spec: ClipModelSpec) -> CLIPVisionBackbone
 
 
 # ------------------------------------------------------------------------------- heads
-class ZeroShotHead(nn.Module):
-    """Frozen zero-shot classifier: ``logits = scale · normalize(f) @ Wᵀ`` (all buffers)."""
-
-    def __init__(self, weight: Tensor, scale: float, metadata: dict[str, Any] | None = None):
-        super().__init__()
-        if weight.ndim != 2:
-            raise ValueError(f"class embeddings must be (classes, dim), got {tuple(weight.shape)}")
-        self.register_buffer("weight", weight.detach().float().contiguous().clone())
-        self.register_buffer("scale", torch.tensor(float(scale)))
-        self.metadata = dict(metadata or {})
-
-    @property
-    def num_classes(self) -> int:
-        return self.weight.shape[0]
-
-    def forward(self, features: Tensor) -> Tensor:
-        weight = self.weight.to(features.dtype)
-        return self.scale.to(features.dtype) * F.normalize(features, dim=-1) @ weight.T
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        meta = {**self.metadata, "kind": HEAD_KIND, "num_classes": self.num_classes}
-        return save_tensors(path, {"weight": self.weight, "scale": self.scale}, meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ZeroShotHead:
-        tensors, meta = read_tensors(path)
-        if meta.get("kind") != HEAD_KIND or not {"weight", "scale"} <= set(tensors):
-            raise OrthoRegFileError(f"{path}: not a CLIP zero-shot head file")
-        return cls(tensors["weight"], float(tensors["scale"]), meta)
-
-
 @torch.no_grad()
 def build_zeroshot_head(model: nn.Module, tokenizer: Any, classnames: Sequence[str],
                         templates: Sequence[str], device: str | torch.device = "cpu",
                         metadata: dict[str, Any] | None = None) -> ZeroShotHead:
-    """Class embeddings from the text tower (Radford et al. 2021, prompt ensembling).
-
-    Each prompt's embedding is normalised before the per-class average so that no template
-    dominates by norm; the average is renormalised so every class sits on the unit sphere.
-    """
-    if not classnames or not templates:
-        raise ValueError("a zero-shot head needs at least one class name and one template")
+    """Class embeddings from CLIP's text tower (:func:`orthoreg.heads.zeroshot_weights`)."""
     model = model.to(device)
-    rows = []
-    for classname in classnames:
-        tokens = tokenizer([template.format(classname) for template in templates]).to(device)
-        embeddings = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        rows.append(F.normalize(embeddings.mean(dim=0), dim=-1))
-    scale = float(model.logit_scale.exp())
-    return ZeroShotHead(torch.stack(rows).cpu(), scale, metadata)
+
+    def encode(prompts: list[str]) -> Tensor:
+        return model.encode_text(tokenizer(prompts).to(device))
+
+    weight = zeroshot_weights(encode, classnames, templates)
+    return ZeroShotHead(weight.cpu(), float(model.logit_scale.exp()), metadata)
 
 
 def head_fingerprint(spec: ClipModelSpec, classnames: Sequence[str],

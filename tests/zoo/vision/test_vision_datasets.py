@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from orthoreg.zoo import datasets
-from orthoreg.zoo.datasets import (
+from orthoreg.zoo.vision import datasets
+from orthoreg.zoo.vision.datasets import (
     CONTROL_TASK,
     DEFAULT_TASKS,
     UnsafePickle,
-    balanced_take,
     get_task,
     parse_idx,
     preprocess,
     safe_unpickle,
     task_datasets,
 )
-from orthoreg.zoo.models import IMAGENET_MEAN, IMAGENET_STD
+from orthoreg.zoo.splits import balanced_take
+from orthoreg.zoo.vision.models import IMAGENET_MEAN, IMAGENET_STD
 
 ASSET_TASKS = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "animal_mnist": "animal_mnist"}
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthoreg.zoo import models
-from orthoreg.zoo.models import SameConv2d, get_model
+from orthoreg.zoo.vision import models
+from orthoreg.zoo.vision.models import SameConv2d, get_model
 
 PRETRAINED = ["mobilenet_v2", "efficientnet_lite0"]
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from orthoreg.clip.templates import dataset_spec
 from orthoreg.paradigms import Paradigm, get_paradigm
 from orthoreg.training import TrainConfig
-from orthoreg.zoo.clip_templates import dataset_spec
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ what fine-tuning sees, so that α can be chosen on ``val`` without touching ``te
 Preprocessing is CLIP's evaluation transform: resize the shorter side to the model's image
 size (bicubic), centre-crop a square, and normalise with the model's mean/std. The first
 two happen here, once per image, into uint8 arrays; normalisation happens in the backbone
-(:class:`orthoreg.zoo.clip.CLIPVisionBackbone` accepts uint8 input), so a cached split is
+(:class:`orthoreg.clip.model.CLIPVisionBackbone` accepts uint8 input), so a cached split is
 4× smaller than float32 and shared by every model with the same image size.
 
 Caching: :func:`materialize` writes a split as one ``.npy`` (N, 3, S, S) uint8 array plus
@@ -44,15 +44,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from orthoreg.errors import OrthoRegError
-from orthoreg.utils.io import atomic_write_text
-from orthoreg.zoo.clip_templates import (
+from orthoreg.clip.templates import (
     DatasetSpec,
     dataset_spec,
     parse_classnames_file,
     resolve_classnames,
     unknown_folders,
 )
+from orthoreg.errors import OrthoRegError
+from orthoreg.utils.io import atomic_write_text
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm"})
@@ -347,7 +347,7 @@ def load_task(data_root: str | os.PathLike[str], name: str, size: int,
     Under torchrun only one process should decode: pass ``writer`` (rank 0) and a
     ``barrier`` that every rank calls before opening the cache.
     """
-    from orthoreg.zoo.clip_templates import base_task_name
+    from orthoreg.clip.templates import base_task_name
 
     base = base_task_name(name)
     folders = folder_splits(data_root, base, splits)

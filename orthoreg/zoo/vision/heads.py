@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthoreg.utils.io import OrthoRegFileError, read_tensors, save_tensors
-from orthoreg.zoo.datasets import DEFAULT_RESOLUTION, preprocess
-from orthoreg.zoo.models import Backbone
+from orthoreg.zoo.vision.datasets import DEFAULT_RESOLUTION, preprocess
+from orthoreg.zoo.vision.models import Backbone
 
 DEFAULT_SCALE = 30.0
 """Logit scale. Cosines of centred features lie in about [−0.6, 0.9]; 30 gives a mean top

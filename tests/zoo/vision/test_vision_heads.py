@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from orthoreg.utils.io import OrthoRegFileError, save_tensors
-from orthoreg.zoo.datasets import get_task, task_datasets
-from orthoreg.zoo.heads import Head, extract_features, fit_head, select_shots
-from orthoreg.zoo.models import get_model
+from orthoreg.zoo.vision.datasets import get_task, task_datasets
+from orthoreg.zoo.vision.heads import Head, extract_features, fit_head, select_shots
+from orthoreg.zoo.vision.models import get_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ vectors of different tasks share one set of heads. The templates below are writt
 literature's style: a few phrasings that say what kind of image it is (satellite photo,
 traffic sign, texture, number).
 
-Class names: a dataset's classes are its class *folders* (``orthoreg.zoo.clip_data``), and
+Class names: a dataset's classes are its class *folders* (``orthoreg.clip.data``), and
 each folder gets the name used in the prompts by, in order,
 
 1. ``<data-root>/<Name>/classnames.txt``: lines ``<folder><TAB><class name>``;

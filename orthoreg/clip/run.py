@@ -32,11 +32,8 @@ from typing import Any
 
 import torch
 
-from orthoreg.errors import OrthoRegError
-from orthoreg.taskvector import TaskVector
-from orthoreg.utils.io import OrthoRegFileError, atomic_write_json
-from orthoreg.utils.provenance import provenance, seed_everything
-from orthoreg.zoo.clip import (
+from orthoreg.clip.data import ClipTaskData, load_task
+from orthoreg.clip.model import (
     ClipModelSpec,
     CLIPVisionBackbone,
     ZeroShotHead,
@@ -46,9 +43,12 @@ from orthoreg.zoo.clip import (
     weights_fingerprint,
     zeroshot_head,
 )
-from orthoreg.zoo.clip_data import ClipTaskData, load_task
-from orthoreg.zoo.clip_recipe import build_paradigm, train_config
-from orthoreg.zoo.clip_templates import CONTROL_TASK, base_task_name
+from orthoreg.clip.recipe import build_paradigm, train_config
+from orthoreg.clip.templates import CONTROL_TASK, base_task_name
+from orthoreg.errors import OrthoRegError
+from orthoreg.taskvector import TaskVector
+from orthoreg.utils.io import OrthoRegFileError, atomic_write_json
+from orthoreg.utils.provenance import provenance, seed_everything
 
 RUN_KIND = "orthoreg.clip_run"
 RUN_FILE, VECTOR_FILE, HEAD_FILE = "run.json", "vector.safetensors", "head.safetensors"

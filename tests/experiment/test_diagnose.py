@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from orthoreg.cli import main
-from orthoreg.diagnostics.rundir import (
+from orthoreg.experiment import Experiment, from_mapping
+from orthoreg.experiment.diagnose import (
     BEGIN,
     END,
     DiagnoseOptions,
@@ -24,8 +25,7 @@ from orthoreg.diagnostics.rundir import (
     find_vector,
     finetune_records,
 )
-from orthoreg.experiment import Experiment, from_mapping
-from orthoreg.zoo import datasets
+from orthoreg.zoo.vision import datasets
 
 TASKS = ("blobs_a", "blobs_b")
 CONFIG = {

@@ -366,7 +366,8 @@ def diagnose_run(run_dir: str | Path, options: DiagnoseOptions | None = None,
     Returns the content of ``diagnostics.json``. The run directory is locked while the
     diagnosis reads heads and writes files, so it cannot race a ``demo`` in the same place.
     """
-    from orthoreg.experiment import Experiment, from_mapping
+    from orthoreg.experiment.config import from_mapping
+    from orthoreg.experiment.pipeline import Experiment
 
     options = options or DiagnoseOptions()
     _check_options(options)
