@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orthoreg.bench.penalty import (
-    PAPER_OURS_GOAL,
-    VIT_B32,
-    VIT_L14,
-    goals,
-    main,
-    ours_matrix_flops,
-    predicted_ratios,
-)
+from orthoreg.bench.costmodel import VIT_B32, VIT_L14, ours_matrix_flops, predicted_ratios
+from orthoreg.bench.penalty import PAPER_OURS_GOAL, goals, main
 
 
 def test_ours_counts_upper_gram_blocks_and_one_backward_product():
@@ -73,7 +66,7 @@ def test_penalty_benchmark_runs_at_toy_size(tmp_path: Path, capsys: pytest.Captu
 def test_bytes_model_counts_eight_passes_with_a_reference_and_seven_without():
     from torch import nn
 
-    from orthoreg.bench.penalty import hutchinson_bytes, stream_bandwidth
+    from orthoreg.bench.costmodel import hutchinson_bytes, stream_bandwidth
     from orthoreg.regularizer import OrthoReg
 
     model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.Linear(5, 6, bias=False))
