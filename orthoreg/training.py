@@ -16,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,11 +152,153 @@ class Trainer:
         self.step = 0
         self.rank, self.world = _dist_rank_world()
 
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        """Train from ``workdir``'s checkpoint, if any, up to ``config.steps`` steps.
+
+        The loop is bookkeeping only: :meth:`_step` does one optimizer step; here its metrics
+        are logged and shown, and the weights checkpointed.
+        """
+        cfg = self.config
+        start_step = self.try_resume()
+        if start_step == 0:
+            # dropout masks and Hutchinson probes draw from the global generator: seed it
+            # from the config so a run does not depend on what the caller drew before (a
+            # resumed run restores the checkpointed generator state instead)
+            torch.manual_seed(cfg.seed)
+        device = next(iter(self.params.values())).device
+        self.model.train()
+        self.head.eval()
+        history: list[dict[str, float]] = []
+        started = time.perf_counter()
+        bar = _progress(cfg, start_step, enabled=cfg.progress and self.rank == 0)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
+            cfg.amp and device.type == "cuda") else nullcontext()
+        while self.step < cfg.steps:
+            record = self._step(device, autocast)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                history.append(record)
+                if self.on_log:
+                    self.on_log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['task_loss']:.3f}", pen=f"{record['penalty']:.3g}",
+                                acc=f"{record['acc']:.2f}", refresh=False)
+            if self.workdir is not None and (
+                    self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                self._checkpoint()
+        if bar is not None:
+            bar.close()
+        return TrainResult(self.step, time.perf_counter() - started, history, start_step)
+
+    # ---------------------------------------------------------------- one step
+    def _step(self, device: torch.device,
+              autocast: AbstractContextManager[Any]) -> dict[str, float]:
+        """One optimizer step of ``L_task + λ·R``; returns its metrics, ``self.step`` advanced.
+
+        A non-finite loss, penalty or gradient raises :class:`NonFiniteError` before the
+        optimizer touches the weights, so they stay those of the last completed step.
+        """
+        cfg = self.config
+        lr = learning_rate(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        task_loss, correct, seen = self._task_backward(device, autocast)
+        penalty = self._penalty_backward()
+        norm = self._clip_gradients()
+        self.optimizer.step()
+        self.step += 1
+        return {"step": self.step, "lr": lr, "task_loss": task_loss, "penalty": penalty,
+                "loss": task_loss + cfg.lam * penalty, "acc": correct / max(1, seen),
+                "grad_norm": float(norm)}
+
+    def _task_backward(self, device: torch.device,
+                       autocast: AbstractContextManager[Any]) -> tuple[float, int, int]:
+        """Forward and backward the task loss of every micro-batch of the step (every rank's).
+
+        Returns the step's task loss (averaged over its micro-batches), and how many examples
+        the model classified right out of how many it saw.
+        """
+        cfg = self.config
+        task_total, correct, seen = 0.0, 0, 0
+        for micro in range(cfg.accumulation):
+            x, y = self._micro_batch(self.step * cfg.accumulation + micro, device)
+            with autocast:
+                logits = self.head(self.model(x))
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if self.world == 1:
+                self._check_finite("task loss", loss.detach())
+                (loss / cfg.accumulation).backward()
+                task_total += float(loss.detach()) / cfg.accumulation
+            else:
+                # this rank's share of the global-batch mean (its slice may be one example
+                # shorter): summed over ranks, the gradient is one process's on the batch
+                share = len(y) / (cfg.batch_size * cfg.accumulation)
+                (loss * share).backward()
+                task_total += float(loss.detach()) * share
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(y)
+        if self.world > 1:
+            # the task gradients are summed across ranks before the penalty, which every
+            # rank computes identically from identical weights and adds once
+            task_total, correct, seen = _all_reduce_step(self.params, task_total, correct,
+                                                         seen, device)
+            self._check_finite("task loss", torch.tensor(task_total))
+        return task_total, correct, seen
+
+    def _penalty_backward(self) -> float:
+        """Add λ·∇R to the gradients, once per optimizer step; returns R (0 without OrthoReg)."""
+        if self.reg is None:
+            return 0.0
+        # value and λ·∇R straight into .grad (one pass over ΔW); a non-finite value stops
+        # the step here, before the optimizer touches anything
+        penalty = self.reg.accumulate_grad(self.config.lam)
+        self._check_finite("penalty", penalty)
+        return float(penalty)
+
+    def _clip_gradients(self) -> Tensor:
+        """The gradients' total norm, checked finite, then clipped to ``grad_clip`` by it."""
+        grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+        # the norm first, then the check, then the clip (= clip_grad_norm_): clipping by
+        # a NaN norm would turn every gradient NaN and hide which one was the first
+        norm = nn.utils.get_total_norm(list(grads.values()))
+        if not torch.isfinite(norm):
+            raise NonFiniteError(f"step {self.step + 1}: gradient of "
+                                 f"{_first_nonfinite(grads)!r} is not finite; "
+                                 "the last checkpoint is intact")
+        if self.config.grad_clip:
+            nn.utils.clip_grads_with_norm_(list(self.params.values()), self.config.grad_clip,
+                                           norm)
+        return norm
+
+    def _micro_batch(self, micro_step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This rank's share of micro-batch ``micro_step``, a pure function of (seed, step)."""
+        indices = batch_indices(len(self.train_data), self.config.batch_size, micro_step,
+                                self.config.seed, self.rank, self.world)
+        x, y = _stack(self.train_data, indices)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def _check_finite(self, what: str, value: Tensor) -> None:
+        """Raise :class:`NonFiniteError` naming the first culprit when ``value`` is not finite."""
+        if not torch.isfinite(value).all():
+            if what == "penalty" and self.reg is not None:
+                layer = _first_nonfinite(self.reg.per_layer())
+                detail = f" (first offending matrix: {layer})"
+            else:
+                param = _first_nonfinite({n: p.detach() for n, p in self.params.items()})
+                detail = (f" (first non-finite parameter: {param})" if param is not None else
+                          " (all parameters are finite: check the input batch)")
+            # 1-based like the history's "step" (self.step steps have completed)
+            raise NonFiniteError(f"step {self.step + 1}: {what} is {float(value)}{detail}; "
+                                 "the last checkpoint is intact")
+
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_path(self) -> Path | None:
         return self.workdir / CHECKPOINT if self.workdir is not None else None
 
     def save_checkpoint(self) -> None:
+        """Write weights, optimizer state and RNG state atomically (rank 0 alone)."""
         path = self.checkpoint_path()
         if path is None or self.rank != 0:
             return
@@ -170,7 +313,24 @@ class Trainer:
                 "config": self.config.resume_key(), **provenance(self.config.seed)}
         save_tensors(path, tensors, meta)
 
+    def _checkpoint(self) -> None:
+        """Save a checkpoint, unless a weight is not finite.
+
+        A good checkpoint is never replaced by one that could not resume; the full scan of
+        the weights this takes is paid only where a checkpoint is written.
+        """
+        poisoned = _first_nonfinite({n: p.detach() for n, p in self.params.items()})
+        if poisoned is not None:
+            raise NonFiniteError(f"step {self.step}: parameter {poisoned!r} is not "
+                                 "finite; the last checkpoint is intact")
+        self.save_checkpoint()
+
     def try_resume(self) -> int:
+        """Restore the checkpoint in ``workdir`` if there is one; returns its step (0: none).
+
+        A checkpoint written with another config, or one that is damaged, raises
+        :class:`OrthoRegFileError` rather than silently training something else.
+        """
         path = self.checkpoint_path()
         if path is None:
             return 0
@@ -223,114 +383,6 @@ class Trainer:
         self.step = step
         return self.step
 
-    # ---------------------------------------------------------------- the loop
-    def _micro_batch(self, micro_step: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        indices = batch_indices(len(self.train_data), self.config.batch_size, micro_step,
-                                self.config.seed, self.rank, self.world)
-        x, y = _stack(self.train_data, indices)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-    def _check_finite(self, what: str, value: Tensor) -> None:
-        if not torch.isfinite(value).all():
-            if what == "penalty" and self.reg is not None:
-                layer = _first_nonfinite(self.reg.per_layer())
-                detail = f" (first offending matrix: {layer})"
-            else:
-                param = _first_nonfinite({n: p.detach() for n, p in self.params.items()})
-                detail = (f" (first non-finite parameter: {param})" if param is not None else
-                          " (all parameters are finite: check the input batch)")
-            # 1-based like the history's "step" (self.step steps have completed)
-            raise NonFiniteError(f"step {self.step + 1}: {what} is {float(value)}{detail}; "
-                                 "the last checkpoint is intact")
-
-    def run(self) -> TrainResult:
-        cfg = self.config
-        start_step = self.try_resume()
-        if start_step == 0:
-            # dropout masks and Hutchinson probes draw from the global generator: seed it
-            # from the config so a run does not depend on what the caller drew before (a
-            # resumed run restores the checkpointed generator state instead)
-            torch.manual_seed(cfg.seed)
-        device = next(iter(self.params.values())).device
-        self.model.train()
-        self.head.eval()
-        history: list[dict[str, float]] = []
-        started = time.perf_counter()
-        bar = _progress(cfg, start_step, enabled=cfg.progress and self.rank == 0)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
-            cfg.amp and device.type == "cuda") else _nullcontext()
-        while self.step < cfg.steps:
-            lr = learning_rate(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.zero_grad(set_to_none=True)
-            task_total, correct, seen = 0.0, 0, 0
-            for micro in range(cfg.accumulation):
-                x, y = self._micro_batch(self.step * cfg.accumulation + micro, device)
-                with autocast:
-                    logits = self.head(self.model(x))
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if self.world == 1:
-                    self._check_finite("task loss", loss.detach())
-                    (loss / cfg.accumulation).backward()
-                    task_total += float(loss.detach()) / cfg.accumulation
-                else:
-                    # this rank's share of the global-batch mean (its slice may be one example
-                    # shorter): summed over ranks, the gradient is one process's on the batch
-                    share = len(y) / (cfg.batch_size * cfg.accumulation)
-                    (loss * share).backward()
-                    task_total += float(loss.detach()) * share
-                correct += int((logits.argmax(-1) == y).sum())
-                seen += len(y)
-            if self.world > 1:
-                # the task gradients are summed across ranks before the penalty, which every
-                # rank computes identically from identical weights and adds once
-                task_total, correct, seen = _all_reduce_step(self.params, task_total, correct,
-                                                             seen, device)
-                self._check_finite("task loss", torch.tensor(task_total))
-            penalty_value = 0.0
-            if self.reg is not None:
-                # value and λ·∇R straight into .grad (one pass over ΔW); a non-finite value
-                # stops the step below, before the optimizer touches anything
-                penalty = self.reg.accumulate_grad(cfg.lam)
-                self._check_finite("penalty", penalty)
-                penalty_value = float(penalty)
-            grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
-            # the norm first, then the check, then the clip (= clip_grad_norm_): clipping by
-            # a NaN norm would turn every gradient NaN and hide which one was the first
-            norm = nn.utils.get_total_norm(list(grads.values()))
-            if not torch.isfinite(norm):
-                raise NonFiniteError(f"step {self.step + 1}: gradient of "
-                                     f"{_first_nonfinite(grads)!r} is not finite; "
-                                     "the last checkpoint is intact")
-            if cfg.grad_clip:
-                nn.utils.clip_grads_with_norm_(list(self.params.values()), cfg.grad_clip, norm)
-            self.optimizer.step()
-            self.step += 1
-            record = {"step": self.step, "lr": lr, "task_loss": task_total,
-                      "penalty": penalty_value, "loss": task_total + cfg.lam * penalty_value,
-                      "acc": correct / max(1, seen), "grad_norm": float(norm)}
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                history.append(record)
-                if self.on_log:
-                    self.on_log(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['task_loss']:.3f}", pen=f"{penalty_value:.3g}",
-                                acc=f"{record['acc']:.2f}", refresh=False)
-            if self.workdir is not None and (
-                    self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                # never replace a good checkpoint with one that could not resume (a full
-                # scan of the weights: only where a checkpoint is written)
-                poisoned = _first_nonfinite({n: p.detach() for n, p in self.params.items()})
-                if poisoned is not None:
-                    raise NonFiniteError(f"step {self.step}: parameter {poisoned!r} is not "
-                                         "finite; the last checkpoint is intact")
-                self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        return TrainResult(self.step, time.perf_counter() - started, history, start_step)
-
 
 def finetune(model: FineTunable, head: nn.Module, train: Dataset, config: TrainConfig,
              workdir: str | os.PathLike[str] | None = None, **kwargs: Any) -> TrainResult:
@@ -377,14 +429,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _progress(config: TrainConfig, start: int, enabled: bool):
