@@ -46,7 +46,7 @@ OVERHEAD_GOAL = 1.10  # in-place search at most this × the bare forward passes
 # ----------------------------------------------------------------------------- model
 def load_backbone(pretrained: bool) -> tuple[nn.Module, str]:
     """The zoo's MobileNetV2, pretrained when asked and its weights are fetched."""
-    from orthoreg.zoo.models import get_model
+    from orthoreg.zoo.vision.models import get_model
 
     if pretrained:
         try:
