@@ -2,8 +2,9 @@
 
 Both follow Ilharco et al. (2023) as used by OrthoReg (Liu et al. 2026):
 
-- **addition** — θ0 + α·merge(τ_1..τ_T); α on a grid in [0, 1] (21 points) chosen on the
-  *validation* splits by the mean normalized accuracy, where
+- **addition** — θ0 + α·merge(τ_1..τ_T); α on the merge method's reference grid
+  (``orthoreg.merging.default_alphas``: task arithmetic's 21 points in [0, 1]; 0.1…3.0 for
+  the means and re-scaled merges) unless given, chosen on the *validation* splits by the mean normalized accuracy, where
   normalized_t = acc_t(merged) / acc_t(single-task fine-tuned model of the same paradigm);
   test absolute and normalized accuracies are reported at that α.
 - **negation** — θ0 − α·τ_t; per threshold q ∈ {0.95, 0.90, 0.80}, α minimises the target
@@ -148,7 +149,7 @@ def addition(
     tasks: Mapping[str, TaskEval],
     vectors: Mapping[str, TaskVector],
     finetuned_acc: Mapping[str, Mapping[str, float]],
-    alphas: Sequence[float] | Tensor = DEFAULT_ALPHAS,
+    alphas: Sequence[float] | Tensor | None = None,
     merge: str = "task_arithmetic",
     merge_params: Mapping[str, Any] | None = None,
     paradigm: str | None = None,
@@ -158,7 +159,13 @@ def addition(
 
     ``finetuned_acc[t] = {"val": ..., "test": ...}`` are the single-task fine-tuned
     accuracies of the same paradigm, the denominators of the normalized accuracy.
+    ``alphas=None`` searches the merge method's reference grid
+    (:func:`orthoreg.merging.default_alphas`: 0…1 for sums, 0.1…3.0 for TIES, TSV-M, Iso-C).
     """
+    if alphas is None:
+        from orthoreg.merging import default_alphas
+
+        alphas = default_alphas(merge)
     names = list(tasks)
     if not names:
         raise ValueError("addition needs at least one task")

@@ -9,7 +9,6 @@ shape (T, *shape) holding the T tasks' values for one parameter.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 
 import torch
@@ -18,56 +17,91 @@ from torch import Tensor
 
 # --------------------------------------------------------------------- TIES (Yadav et al. 2023)
 def kept_count(numel: int, density: float) -> int:
-    """How many of ``numel`` entries a density keeps: round(density·numel), at least one.
+    """How many of ``numel`` entries a per-tensor trim keeps: ⌊density·numel⌋, as PEFT does.
 
-    Rounding (not truncation) so that 0.29·100 keeps 29, not 28 through float error; at
-    least one so that trimming never silently deletes a small tensor (a bias) entirely.
+    ``int(density * numel)``, float product and all (so 0.29·100 = 28.999… keeps 28, and a
+    3-entry bias at density 0.2 keeps none): PEFT's ``magnitude_based_pruning`` counts this
+    way, and per-tensor TIES is defined here as PEFT's, to the entry.
     """
-    if numel == 0:
-        return 0
-    return min(numel, max(1, math.floor(density * numel + 0.5)))
+    return min(numel, int(density * numel))
 
 
 def trim_top_k(tensor: Tensor, density: float) -> Tensor:
-    """Keep the ``density`` fraction of entries of largest magnitude, zero the rest.
+    """Keep the ``kept_count`` entries of largest magnitude, zero the rest (per tensor).
 
-    TIES step 1, "Trim" (Yadav et al. 2023, Alg. 1: τ̂_t = keep_topk(τ_t, k)):
-    small updates are mostly redundant and only add interference. Exactly
-    ``kept_count(numel, density)`` entries are kept; among equal magnitudes at the
-    threshold, ``topk`` decides which.
+    TIES step 1, "Trim" (Yadav et al. 2023, Alg. 1: τ̂_t = keep_topk(τ_t, k)), applied to
+    one tensor as PEFT's ``prune(…, method="magnitude")`` does: small updates are mostly
+    redundant and only add interference. Among equal magnitudes at the threshold,
+    ``topk`` (sorted, as PEFT calls it) decides which are kept.
     """
     numel = tensor.numel()
     keep = kept_count(numel, density)
     if keep >= numel:
         return tensor.clone()
     flat = tensor.reshape(-1)
-    index = flat.abs().topk(keep, sorted=False).indices
+    index = flat.abs().topk(keep, largest=True).indices
     trimmed = torch.zeros_like(flat)
     trimmed[index] = flat[index]
     return trimmed.reshape(tensor.shape)
 
 
+def magnitude_threshold(magnitudes: Tensor, density: float) -> Tensor:
+    """The smallest magnitude a global TIES trim keeps, from every |τ| of one task at once.
+
+    The original TIES code (``topk_values_mask``) ranks the whole flattened task vector: it
+    keeps every entry with |τ| ≥ the (d − ⌊d·density⌋)-th smallest magnitude, d = the
+    number of entries, ties at the threshold included. At density 1 that position is 0,
+    where it would fail; every entry is kept (threshold 0).
+    """
+    flat = magnitudes.reshape(-1)
+    position = flat.numel() - int(flat.numel() * density)
+    if position <= 0:
+        return flat.new_zeros(())
+    return flat.kthvalue(position).values
+
+
+def trim_below(tensor: Tensor, threshold: Tensor | float) -> Tensor:
+    """``tensor`` with every entry of magnitude below ``threshold`` set to zero (a copy)."""
+    return torch.where(tensor.abs() >= threshold, tensor, 0)
+
+
+def mass_sign(stacked: Tensor) -> Tensor:
+    """Per entry, sgn(Σ_t τ_t) ∈ {−1, 0, +1}: the sign carrying the most total magnitude."""
+    return torch.sign(stacked.sum(dim=0))
+
+
 def elect_sign(stacked: Tensor) -> Tensor:
-    """Per entry, the sign (+1/−1) of the total mass Σ_t τ_t across tasks.
+    """Per entry, the sign (+1/−1) of the total mass Σ_t τ_t across tasks; a zero sum → +1.
 
     TIES step 2, "Elect" (Alg. 1: γ_m = sgn(Σ_t τ̂_t)): the sign carrying the most
-    total magnitude wins, so one large update outvotes several tiny ones. An exact tie
-    (zero sum) is resolved to +1; this only matters where some tasks disagree exactly.
+    total magnitude wins, so one large update outvotes several tiny ones. The zero rule is
+    PEFT's (``calculate_majority_sign_mask``: ``sum >= 0 → +1``); the original code instead
+    gives zero sums the majority sign of the whole vector (:func:`resolve_zero_signs`).
     """
     total = stacked.sum(dim=0)
     return torch.where(total >= 0, 1, -1).to(stacked.dtype)
 
 
+def resolve_zero_signs(sign: Tensor, majority: Tensor | float) -> Tensor:
+    """Replace the zeros of a {−1, 0, +1} sign tensor by ``majority`` (the original's rule).
+
+    The original TIES code sets ``majority`` = sgn(Σ of every elected sign in the model).
+    """
+    return torch.where(sign == 0, torch.as_tensor(majority, dtype=sign.dtype), sign)
+
+
 def disjoint_mean(stacked: Tensor, sign: Tensor) -> Tensor:
-    """Per entry, the mean over the tasks whose value is non-zero and has sign ``sign``.
+    """Per entry, the mean over the tasks whose value is non-zero and agrees with ``sign``.
 
     TIES step 3, "Disjoint merge" (Alg. 1: τ_m = 1/|A| Σ_{t∈A} τ̂_t with
     A = {t : sgn(τ̂_t) = γ_m}): trimmed-away (zero) and dissenting entries neither add
-    to the sum nor dilute the mean. Entries no task agrees on are 0.
+    to the sum nor dilute the mean. Entries no task agrees on are 0. Selection is the
+    original code's ``where(γ > 0, τ > 0, τ < 0)``, so a zero γ selects the negative values
+    as there; for γ = ±1 this is PEFT's ``disjoint_merge`` too.
     """
-    agreeing_magnitude = (stacked * sign).clamp_(min=0)  # |τ| where sgn τ = γ, else 0
-    count = (agreeing_magnitude > 0).sum(dim=0, dtype=stacked.dtype).clamp_(min=1)
-    return agreeing_magnitude.sum(dim=0).mul_(sign).div_(count)
+    selected = torch.where(torch.where(sign > 0, stacked > 0, stacked < 0), stacked, 0)
+    count = (selected != 0).sum(dim=0, dtype=stacked.dtype).clamp_(min=1)
+    return selected.sum(dim=0).div_(count)
 
 
 # --------------------------------------------------------------------- DARE (Yu et al. 2024)
@@ -97,13 +131,15 @@ def random_drop_rescale(tensor: Tensor, drop_rate: float, generator: torch.Gener
 
 
 # --------------------------------------------------------------------- spectra (TSV, Iso-C)
-def as_matrix(tensor: Tensor) -> Tensor | None:
-    """The 2-D view (out, rest) of a weight, or None for a vector/scalar (bias, norm).
+def as_matrix(tensor: Tensor, reshape_nd: bool = True) -> Tensor | None:
+    """The 2-D view (out, rest) of a weight, or None where the spectral merges do not apply.
 
-    Conv kernels (out, in, kh, kw) become (out, in·kh·kw), the matrix the layer applies to
-    an unfolded patch, so the spectral methods treat them like linear layers.
+    Vectors and scalars (biases, norms) are never matrices. Conv kernels (out, in, kh, kw)
+    become (out, in·kh·kw), the matrix the layer applies to an unfolded patch, when
+    ``reshape_nd``; without it only 2-D tensors are matrices, which is the rule of the TSV
+    and Iso-C reference code (``len(shape) == 2``: everything else is averaged).
     """
-    if tensor.ndim < 2:
+    if tensor.ndim < 2 or (tensor.ndim > 2 and not reshape_nd):
         return None
     return tensor.reshape(tensor.shape[0], -1)
 

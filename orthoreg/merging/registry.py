@@ -10,6 +10,13 @@ hyper-parameters (defaults included), so a merged vector on disk says how it was
 A method is a function ``fn(task_vectors, *, p1=default1, ...) -> TaskVector`` whose
 hyper-parameters are keyword-only with defaults; ``register`` demands a constraint for every
 one of them and checks the defaults against those constraints at import time.
+
+Each method also carries the coefficient grid its reference searched α on
+(:func:`default_alphas`): a plain sum of T task vectors wants α ≲ 1, but TIES and DARE-TIES
+return a *mean* of the agreeing values and TSV-M and Iso-C a re-scaled spectrum, whose best
+α lies well above 1, so one grid for all would cut their search short. And where the
+method's paper used a hyper-parameter other than the library default, the paper's value is
+recorded next to it (``paper_params``) for recipes that reproduce a paper.
 """
 
 from __future__ import annotations
@@ -27,6 +34,13 @@ from orthoreg.taskvector import TaskVector
 MergeFunction = Callable[..., TaskVector]
 
 _REGISTRY: dict[str, MergeMethod] = {}
+
+#: task arithmetic's grid (Ilharco et al. 2023; DESIGN.md §2): 0, 0.05, …, 1 (21 points)
+UNIT_ALPHAS: tuple[float, ...] = tuple(i / 20 for i in range(21))
+#: the TSV reference's grid for TSV-M, TIES and the others, ``np.linspace(0, 3, 31)[1:]``
+#: (Gargiulo et al. 2025 code, ``evaluate_task_vector``; Iso-C's code is built on it):
+#: 0.1, 0.2, …, 3.0 (30 points)
+WIDE_ALPHAS: tuple[float, ...] = tuple(i / 10 for i in range(1, 31))
 
 
 # --------------------------------------------------------------------- constraints
@@ -106,6 +120,11 @@ class MergeMethod:
     paper: str
     defaults: Mapping[str, Any]
     constraints: Mapping[str, Constraint] = field(repr=False)
+    #: the α grid the method's reference searched, and where that grid comes from
+    alphas: tuple[float, ...] = UNIT_ALPHAS
+    alphas_source: str = "Ilharco et al. 2023 (task arithmetic): 0, 0.05, …, 1"
+    #: hyper-parameters the method's paper used where they differ from ``defaults``
+    paper_params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def doc(self) -> str:
@@ -114,7 +133,10 @@ class MergeMethod:
     def describe(self) -> str:
         """One line for listings: name, paper, default hyper-parameters."""
         params = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
-        return f"{self.name}: {self.paper} (defaults: {params})"
+        paper = ", ".join(f"{k}={v!r}" for k, v in self.paper_params.items())
+        grid = f"α grid {self.alphas[0]:g}…{self.alphas[-1]:g} ({len(self.alphas)} points)"
+        return (f"{self.name}: {self.paper} (defaults: {params}"
+                f"{f'; paper: {paper}' if paper else ''}; {grid})")
 
     def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``params``; ValueError naming the first bad parameter."""
@@ -145,12 +167,20 @@ class MergeMethod:
 
 
 def register(
-    name: str, *, paper: str, constraints: Mapping[str, Constraint]
+    name: str,
+    *,
+    paper: str,
+    constraints: Mapping[str, Constraint],
+    alphas: Sequence[float] = UNIT_ALPHAS,
+    alphas_source: str | None = None,
+    paper_params: Mapping[str, Any] | None = None,
 ) -> Callable[[MergeFunction], MergeMethod]:
     """Decorator: register ``fn(task_vectors, *, hyper=default, ...)`` under ``name``.
 
     Every keyword-only parameter needs a default and a constraint, and the default must
-    satisfy it; a mistake here is a programming error caught when the module is imported.
+    satisfy it; so must ``paper_params``; a mistake here is a programming error caught
+    when the module is imported. ``alphas`` is the reference's coefficient grid
+    (:func:`default_alphas`), ``alphas_source`` where it comes from.
     """
 
     def decorate(function: MergeFunction) -> MergeMethod:
@@ -179,8 +209,15 @@ def register(
                 f"merge method {name!r}: constraints {sorted(constraints)} do not match "
                 f"the keyword-only parameters {sorted(defaults)}"
             )
-        method = MergeMethod(name, function, paper, dict(defaults), dict(constraints))
+        grid = tuple(float(alpha) for alpha in alphas)
+        if not grid or not all(map(_is_real, grid)):
+            raise ValueError(f"merge method {name!r}: alphas must be a non-empty list of "
+                             f"finite numbers, got {list(alphas)!r}")
+        method = MergeMethod(name, function, paper, dict(defaults), dict(constraints),
+                             grid, alphas_source or MergeMethod.alphas_source,
+                             dict(paper_params or {}))
         method.resolve({})  # the defaults themselves must be valid
+        method.resolve(method.paper_params)  # and so must the paper's values
         for attribute in functools.WRAPPER_ASSIGNMENTS:  # help() and Sphinx see the function
             if hasattr(function, attribute):
                 object.__setattr__(method, attribute, getattr(function, attribute))
@@ -204,6 +241,21 @@ def get(name: str) -> MergeMethod:
 def available() -> tuple[str, ...]:
     """Names of all registered methods, sorted."""
     return tuple(sorted(_REGISTRY))
+
+
+def default_alphas(method: str) -> list[float]:
+    """The α grid to search for ``method`` when the caller names none: its reference's.
+
+    ``task_arithmetic`` and ``dare`` (sums, α ≲ 1): 0, 0.05, …, 1; ``ties``, ``dare_ties``
+    (means), ``tsv`` and ``iso_c`` (re-scaled spectra): 0.1, 0.2, …, 3.0. ValueError for an
+    unknown method, listing the known ones.
+    """
+    return list(get(method).alphas)
+
+
+def paper_params(method: str) -> dict[str, Any]:
+    """The hyper-parameters ``method``'s paper used where they differ from the defaults."""
+    return dict(get(method).paper_params)
 
 
 def merge(name: str, task_vectors: Sequence[TaskVector], **params: Any) -> TaskVector:

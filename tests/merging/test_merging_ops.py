@@ -11,19 +11,41 @@ from orthoreg.merging.ops import (
     elect_sign,
     flatten_spectrum,
     kept_count,
+    magnitude_threshold,
+    mass_sign,
     orthogonal_procrustes,
     random_drop_rescale,
+    resolve_zero_signs,
     thin_svd,
+    trim_below,
     trim_top_k,
 )
 
 
-def test_kept_count_rounds_and_keeps_at_least_one():
+def test_kept_count_floors_like_peft():
     assert kept_count(10, 0.2) == 2
-    assert kept_count(100, 0.29) == 29  # 0.29·100 = 28.999… in floating point
-    assert kept_count(3, 0.01) == 1
+    assert kept_count(100, 0.29) == 28  # int(0.29·100) = int(28.999…), PEFT's count
+    assert kept_count(3, 0.2) == 0  # a small bias keeps nothing, as in PEFT
     assert kept_count(7, 1.0) == 7
     assert kept_count(0, 0.5) == 0
+
+
+def test_magnitude_threshold_is_the_original_codes_kth_value():
+    magnitudes = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 0.1, 0.2, 0.3, 0.4, 0.6])
+    # d = 10, density 0.2: position 10 − 2 = 8 → 8th smallest = 2.0; |τ| ≥ 2 keeps 3 entries
+    assert float(magnitude_threshold(magnitudes, 0.2)) == 2.0
+    assert float(magnitude_threshold(magnitudes, 1.0)) == 0.0  # keep everything
+    # the flattening order does not matter
+    assert float(magnitude_threshold(magnitudes.flip(0).reshape(2, 5), 0.2)) == 2.0
+    kept = trim_below(torch.tensor([-3.0, 1.0, 2.0, -2.0]), 2.0)
+    assert torch.equal(kept, torch.tensor([-3.0, 0.0, 2.0, -2.0]))  # ties at the threshold kept
+
+
+def test_zero_sign_mass_takes_the_given_majority():
+    stacked = torch.tensor([[1.0, -2.0, 0.0], [-1.0, 1.0, 0.0]])
+    sign = mass_sign(stacked)
+    assert torch.equal(sign, torch.tensor([0.0, -1.0, 0.0]))
+    assert torch.equal(resolve_zero_signs(sign, -1.0), torch.tensor([-1.0, -1.0, -1.0]))
 
 
 def test_trim_top_k_keeps_exactly_the_largest_magnitudes():
@@ -45,6 +67,9 @@ def test_disjoint_mean_averages_only_the_agreeing_non_zero_values():
     stacked = torch.tensor([[2.0, 0.0, -1.0, 0.0], [4.0, -3.0, 5.0, 0.0], [-9.0, -1.0, 0.0, 0.0]])
     sign = torch.tensor([1.0, -1.0, -1.0, 1.0])
     assert torch.equal(disjoint_mean(stacked, sign), torch.tensor([3.0, -2.0, -1.0, 0.0]))
+    # a zero sign selects the negative values, as the original's where(γ > 0, τ > 0, τ < 0)
+    assert torch.equal(disjoint_mean(stacked, torch.zeros(4)), torch.tensor([-9.0, -2.0, -1.0,
+                                                                            0.0]))
 
 
 def test_random_drop_rescale_is_generator_driven():
@@ -70,6 +95,9 @@ def test_as_matrix_flattens_kernels_and_skips_vectors():
     assert as_matrix(torch.zeros(5)) is None
     assert as_matrix(torch.zeros(8, 3, 3, 3)).shape == (8, 27)
     assert as_matrix(torch.zeros(4, 6)).shape == (4, 6)
+    # the references' rule: exactly 2-D tensors are matrices
+    assert as_matrix(torch.zeros(8, 3, 3, 3), reshape_nd=False) is None
+    assert as_matrix(torch.zeros(4, 6), reshape_nd=False).shape == (4, 6)
 
 
 def test_orthogonal_procrustes_gives_the_nearest_orthonormal_basis():

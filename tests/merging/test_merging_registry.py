@@ -61,6 +61,9 @@ def test_unknown_parameter_names_it_and_the_method():
         ("tsv", {"rank_fraction": 0}, "rank_fraction"),
         ("tsv", {"nonmatrix": "median"}, "nonmatrix"),
         ("iso_c", {"nonmatrix": "max"}, "nonmatrix"),
+        ("iso_c", {"nd_tensors": "flatten"}, "nd_tensors"),
+        ("tsv", {"nd_tensors": True}, "nd_tensors"),
+        ("ties", {"trim": "layer"}, "trim"),
         ("task_arithmetic", {"weights": []}, "weights"),
         ("task_arithmetic", {"weights": [1.0, "x"]}, "weights"),
     ],
@@ -87,10 +90,37 @@ def test_result_records_identity_tasks_and_resolved_parameters():
     assert merged.metadata["task"] == ["mnist", "digits"]
     assert "lambda" not in merged.metadata  # per-task training record, not the merge's
     assert merged.metadata["merge"] == {
-        "method": "ties", "params": {"density": 0.2}, "num_vectors": 2,
+        "method": "ties", "params": {"density": 0.2, "trim": "global"}, "num_vectors": 2,
     }
     seeded = merging.dare(vectors(), seed=7)
     assert seeded.metadata["merge"]["params"] == {"drop_rate": 0.5, "seed": 7}
+
+
+def test_each_method_carries_its_references_alpha_grid():
+    unit = [i / 20 for i in range(21)]
+    wide = [i / 10 for i in range(1, 31)]
+    assert merging.default_alphas("task_arithmetic") == unit  # DESIGN.md §2, kept
+    assert merging.default_alphas("dare") == unit  # a rescaled sum: E[τ̂] = τ
+    for name in ("ties", "dare_ties", "tsv", "iso_c"):  # means and re-scaled spectra
+        assert merging.default_alphas(name) == wide, name
+        assert "0.1" in merging.get(name).alphas_source and "3.0" in merging.get(name).alphas_source
+    assert len(wide) == 30 and wide[0] == 0.1 and wide[-1] == 3.0
+    assert "α grid 0.1…3 (30 points)" in merging.get("tsv").describe()
+    with pytest.raises(ValueError, match="unknown merge method 'tiez'"):
+        merging.default_alphas("tiez")
+
+
+def test_register_checks_the_grid_and_the_papers_values():
+    def method(task_vectors, *, density=0.5):
+        return task_vectors[0]
+
+    with pytest.raises(ValueError, match="alphas"):
+        register("empty_grid", paper="x", constraints={"density": in_range(0, 1)},
+                 alphas=[])(method)
+    with pytest.raises(ValueError, match="'density'"):
+        register("bad_paper", paper="x", constraints={"density": in_range(0, 1)},
+                 paper_params={"density": 3.0})(method)
+    assert "empty_grid" not in merging.available() and "bad_paper" not in merging.available()
 
 
 def test_registered_function_and_merge_agree():

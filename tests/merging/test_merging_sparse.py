@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from orthoreg import merging
@@ -29,32 +30,103 @@ def random_vectors(num_tasks: int, seed: int = 0) -> list[TaskVector]:
     ]
 
 
-def test_ties_matches_a_hand_computation():
-    # trimmed: [3,0,0,-4,0], [-2,5,0,0,0], [4,-6,0,0,0]; mass [5,-1,0,-4,0] -> signs [+,-,+,-,+]
+def test_ties_per_tensor_matches_a_hand_computation():
+    # PEFT's count ⌊0.4·5⌋ = 2: [3,0,0,-4,0], [-2,5,0,0,0], [4,-6,0,0,0];
+    # mass [5,-1,0,-4,0] -> signs [+,-,+,-,+]
     # entry 0: mean of the agreeing 3 and 4 (the dissenting -2 is left out) = 3.5
     # entry 1: only -6 agrees; entry 2: all trimmed; entry 3: -4; entry 4: all trimmed
-    merged = merging.ties(hand_vectors(), density=0.4)
+    merged = merging.ties(hand_vectors(), density=0.4, trim="per_tensor")
     assert torch.equal(merged["v"], torch.tensor([3.5, -6.0, 0.0, -4.0, 0.0]))
 
 
-def test_ties_with_full_density_is_sign_consensus_without_trimming():
+def test_ties_global_matches_a_hand_computation_of_the_original_rule():
+    # the original keeps |τ| ≥ the (d − ⌊d·k⌋)-th smallest magnitude: d = 5, k = 0.4 → the
+    # 3rd smallest, i.e. the top ⌊d·k⌋ + 1 = 3 entries of each task:
+    #   τ1 |·| 0.5 1 2 3 4 → ≥ 2: [3, 0, 0, -4, 2]
+    #   τ2 |·| 0.1 0.2 1 2 5 → ≥ 1: [-2, 5, 0, 1, 0]
+    #   τ3 |·| 0.3 2 3.5 4 6 → ≥ 3.5: [4, -6, 0, 0, -3.5]
+    # mass [5, -1, 0, -3, -1.5] → signs [+, -, 0, -, -]; the zero takes the majority
+    # sgn(1 − 1 − 1 − 1) = −1 (entry 2 holds only zeros either way)
+    merged = merging.ties(hand_vectors(), density=0.4)
+    assert torch.equal(merged["v"], torch.tensor([3.5, -6.0, 0.0, -4.0, -3.5]))
+
+
+def original_ties(vectors: list[TaskVector], density: float) -> dict[str, torch.Tensor]:
+    """The original code's steps on the flattened (T, d) matrix, written out independently."""
+    names = list(vectors[0])
+    flat = torch.stack([torch.cat([v[n].reshape(-1) for n in names]) for v in vectors])
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    merged = selected.sum(dim=0) / (selected != 0).sum(dim=0).float().clamp(min=1)
+    out, offset = {}, 0
+    for name in names:
+        size = vectors[0][name].numel()
+        out[name] = merged[offset:offset + size].reshape(vectors[0][name].shape)
+        offset += size
+    return out
+
+
+def test_ties_global_trims_the_whole_vector_like_the_original_code():
+    vectors = random_vectors(3, seed=4)
+    # one layer ten times larger than the others takes the trim budget (per tensor it would
+    # keep its own 20 % and no more)
+    for vector in vectors:
+        vector.tensors["w"] = vector["w"] * 10
+    merged = merging.ties(vectors, density=0.2)
+    reference = original_ties(vectors, 0.2)
+    for name in reference:
+        torch.testing.assert_close(merged[name], reference[name], atol=1e-6, rtol=0)
+    per_tensor = merging.ties(vectors, density=0.2, trim="per_tensor")
+    assert int((merged["w"] != 0).sum()) > int((per_tensor["w"] != 0).sum())
+    assert int((merged["b"] != 0).sum()) < int((per_tensor["b"] != 0).sum())
+
+
+def test_ties_per_tensor_equals_peft_merge_utils():
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"w": (12, 10), "conv": (4, 3, 3, 3), "b": (12,), "tiny": (3,)}
+    vectors = [TaskVector({n: torch.randn(*s, generator=generator) for n, s in shapes.items()})
+               for _ in range(4)]
+    for density in (0.2, 0.29, 0.5, 1.0):
+        merged = merging.ties(vectors, density=density, trim="per_tensor")
+        for name in shapes:
+            expected = merge_utils.ties([v[name] for v in vectors], torch.ones(4), density)
+            torch.testing.assert_close(merged[name], expected, atol=1e-6, rtol=0)
+    # ⌊0.2·3⌋ = 0: PEFT trims a 3-entry tensor away completely, and so do we
+    assert torch.count_nonzero(merging.ties(vectors, density=0.2, trim="per_tensor")["tiny"]) == 0
+
+
+@pytest.mark.parametrize("trim", ["global", "per_tensor"])
+def test_ties_with_full_density_is_sign_consensus_without_trimming(trim):
     # mass [5, -2, 0.7, -1, -1.3] -> signs [+, -, +, -, -]
     expected = torch.tensor([(3.0 + 4.0) / 2, (-1.0 - 6.0) / 2, (0.5 + 0.3) / 2, -4.0, -3.5])
-    merged = merging.ties(hand_vectors(), density=1.0)
+    merged = merging.ties(hand_vectors(), density=1.0, trim=trim)
     torch.testing.assert_close(merged["v"], expected)
 
 
 def test_ties_trims_per_tensor_and_keeps_shapes():
     vectors = random_vectors(1)
-    merged = merging.ties(vectors, density=0.2)
+    merged = merging.ties(vectors, density=0.2, trim="per_tensor")
     for name, tensor in vectors[0].items():
         assert merged[name].shape == tensor.shape
         kept = merged[name] != 0
-        assert int(kept.sum()) == round(0.2 * tensor.numel())
+        assert int(kept.sum()) == int(0.2 * tensor.numel())
         # a single task agrees with itself: the kept entries are unchanged, and they are
         # the largest in magnitude
         assert torch.equal(merged[name][kept], tensor[kept])
         assert tensor[kept].abs().min() >= tensor[~kept].abs().max()
+
+
+def test_dare_states_the_papers_drop_rate_next_to_its_default():
+    assert merging.get("dare").defaults["drop_rate"] == 0.5
+    assert merging.paper_params("dare") == {"drop_rate": 0.9}
+    assert merging.paper_params("dare_ties") == {"drop_rate": 0.9}
+    assert "paper: drop_rate=0.9" in merging.get("dare").describe()
 
 
 def test_dare_without_dropping_is_task_arithmetic():
@@ -68,7 +140,7 @@ def test_dare_without_dropping_is_task_arithmetic():
 def test_dare_ties_without_dropping_is_ties_without_trimming():
     vectors = random_vectors(3)
     merged = merging.dare_ties(vectors, drop_rate=0.0)
-    reference = merging.ties(vectors, density=1.0)
+    reference = merging.ties(vectors, density=1.0, trim="per_tensor")
     for name in reference:
         assert torch.equal(merged[name], reference[name])
 

@@ -26,14 +26,15 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------- TSV
-def test_tsv_of_one_task_at_full_rank_reproduces_it():
+@pytest.mark.parametrize("nd_tensors", ["nonmatrix", "reshape"])
+def test_tsv_of_one_task_at_full_rank_reproduces_it(nd_tensors):
     tau = TaskVector({
         "w": randn(7, 5, seed=0),
         "conv": randn(4, 3, 3, 3, seed=1),
         "depthwise": randn(6, 1, 3, 3, seed=2),
         "b": randn(7, seed=3),
     })
-    merged = merging.tsv([tau])
+    merged = merging.tsv([tau], nd_tensors=nd_tensors)
     for name in tau:
         assert merged[name].shape == tau[name].shape
         torch.testing.assert_close(merged[name], tau[name], atol=1e-5, rtol=1e-5)
@@ -107,10 +108,26 @@ def test_iso_c_of_an_already_isotropic_update_changes_nothing():
     torch.testing.assert_close(merged["w"], scaled_rotation, atol=1e-6, rtol=1e-5)
 
 
-def test_iso_c_reshapes_conv_kernels_and_averages_or_sums_biases():
+@pytest.mark.parametrize("name", ["tsv", "iso_c"])
+def test_spectral_methods_average_4d_tensors_like_the_references(name):
+    # the references' rule is len(shape) == 2: a conv kernel (a ViT's patch embedding) is
+    # averaged, not merged spectrally; 2-D matrices are still merged spectrally
+    tasks = [TaskVector({"visual.conv1.weight": randn(8, 3, 4, 4, seed=s),
+                         "w": randn(6, 5, seed=20 + s)}) for s in range(3)]
+    merged = merging.merge(name, tasks)
+    average = sum(task["visual.conv1.weight"] for task in tasks) / 3
+    torch.testing.assert_close(merged["visual.conv1.weight"], average, atol=1e-6, rtol=0)
+    assert not torch.allclose(merged["w"], sum(task["w"] for task in tasks) / 3, atol=1e-3)
+    summed = merging.merge(name, tasks, nonmatrix="sum")
+    torch.testing.assert_close(summed["visual.conv1.weight"], 3 * average, atol=1e-5, rtol=0)
+    reshaped = merging.merge(name, tasks, nd_tensors="reshape")
+    assert not torch.allclose(reshaped["visual.conv1.weight"], average, atol=1e-3)
+
+
+def test_iso_c_reshapes_conv_kernels_on_request_and_averages_or_sums_biases():
     tasks = [TaskVector({"conv": randn(4, 2, 3, 3, seed=s), "b": randn(4, seed=10 + s)})
              for s in range(2)]
-    merged = merging.iso_c(tasks)
+    merged = merging.iso_c(tasks, nd_tensors="reshape")
     assert merged["conv"].shape == (4, 2, 3, 3)
     spectrum = singular_values(merged["conv"].reshape(4, -1))
     torch.testing.assert_close(spectrum, spectrum.mean().expand(4), atol=1e-4, rtol=1e-4)
