@@ -4,7 +4,8 @@ Both follow Ilharco et al. (2023) as used by OrthoReg (Liu et al. 2026):
 
 - **addition** — θ0 + α·merge(τ_1..τ_T); α on the merge method's reference grid
   (``orthoreg.merging.default_alphas``: task arithmetic's 21 points in [0, 1]; 0.1…3.0 for
-  the means and re-scaled merges) unless given, chosen on the *validation* splits by the mean normalized accuracy, where
+  the means and re-scaled merges) unless given, chosen on the *validation* splits by the
+  mean normalized accuracy, where
   normalized_t = acc_t(merged) / acc_t(single-task fine-tuned model of the same paradigm);
   test absolute and normalized accuracies are reported at that α.
 - **negation** — θ0 − α·τ_t; per threshold q ∈ {0.95, 0.90, 0.80}, α minimises the target
