@@ -178,13 +178,34 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
 
 
+def _manual_deb_hint(asset: Asset) -> str:
+    """Where to get a .deb by hand and where to put it (Debian's pool layout)."""
+    pool = asset.package[:4] if asset.package.startswith("lib") else asset.package[0]
+    return (
+        f"download {asset.filename} (sha256 {asset.sha256}) from "
+        f"https://deb.debian.org/debian/pool/main/{pool}/{asset.package}/{asset.filename} "
+        f"(or any Debian mirror) and place it at {cache_dir() / asset.filename}"
+    )
+
+
 def _download(asset: Asset, workdir: Path) -> None:
+    if asset.source == "deb" and shutil.which("apt-get") is None:
+        raise AssetMissing(
+            f"fetching {asset.name} needs apt-get (Debian/Ubuntu), which this machine "
+            f"lacks: {_manual_deb_hint(asset)}"
+        )
     result = _run(asset.download_command, workdir)
     if result.returncode != 0 and asset.source == "deb":
         # A fresh machine has no package lists: refresh them once and retry.
         update = _run(["apt-get", "update"], workdir)
         if update.returncode == 0:
             result = _run(asset.download_command, workdir)
+        if result.returncode != 0:
+            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise AssetMissing(
+                f"fetching {asset.name}: `{' '.join(asset.download_command)}` failed "
+                f"({reason}); {_manual_deb_hint(asset)}"
+            )
     if result.returncode != 0:
         raise RuntimeError(
             f"fetching {asset.name} failed: `{' '.join(asset.download_command)}` exited "
