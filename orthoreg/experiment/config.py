@@ -30,6 +30,7 @@ class DataConfig:
     shots: int = 5
     split_seed: int = 0
     resolution: int = 64
+    max_length: int = 64  # text family: tokens per text, [CLS] and [SEP] included
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class ExperimentConfig:
 _RANGES: dict[str, Callable[[Any], bool]] = {
     "data.max_train": lambda v: v >= 8, "data.max_val": lambda v: v >= 1,
     "data.max_test": lambda v: v >= 1, "data.shots": lambda v: v >= 1,
-    "data.resolution": lambda v: 16 <= v <= 1024,
+    "data.resolution": lambda v: 16 <= v <= 1024, "data.max_length": lambda v: 4 <= v <= 4096,
     "train.steps": lambda v: v >= 1, "train.batch_size": lambda v: v >= 1,
     "train.warmup_steps": lambda v: v >= 0, "train.weight_decay": lambda v: v >= 0,
     "train.grad_clip": lambda v: v > 0, "train.label_smoothing": lambda v: 0 <= v < 1,

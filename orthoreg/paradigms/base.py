@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import fnmatch
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -95,6 +96,10 @@ SELECTION_PRESETS: dict[str, ParamRule] = {
     # the nearest CNN analogue: 1×1 (pointwise) convolutions mix channels like projections do
     "pointwise": lambda n, p: p.ndim == 4 and p.shape[-1] == 1 and p.shape[-2] == 1
     and p.shape[1] > 1,
+    # the same for HF BERT-style encoders (MiniLM): separate query/key/value projections and
+    # the attention output projection, weights only (not the FFN's output.dense)
+    "bert_attention": lambda n, p: re.search(
+        r"(^|\.)attention\.(self\.(query|key|value)|output\.dense)\.weight$", n) is not None,
     "matrices": lambda n, p: p.ndim >= 2,
     "all": lambda n, p: True,
 }

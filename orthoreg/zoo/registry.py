@@ -65,6 +65,7 @@ class Family(Protocol):
 #: family name -> "module:attribute" of its instance, imported on first use
 FAMILIES: dict[str, str] = {
     "vision": "orthoreg.zoo.vision.family:FAMILY",
+    "text": "orthoreg.zoo.text.family:FAMILY",
 }
 
 _loaded: dict[str, Family] = {}
