@@ -59,7 +59,14 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                    help="decoded images and heads (default: $ORTHOREG_CACHE/clip or "
                         "~/.cache/orthoreg/clip)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--no-amp", action="store_true", help="fp32 on GPUs (default: bf16 autocast)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, as the authors train (default), or bf16 autocast on GPUs")
+    p.add_argument("--no-amp", action="store_const", const="fp32", dest="precision",
+                   help=argparse.SUPPRESS)  # the former opt-out, now the default
+    p.add_argument("--augment", choices=("random-resized-crop", "none"),
+                   default="random-resized-crop",
+                   help="training augmentation: open_clip's RandomResizedCrop (scale 0.9–1, "
+                        "bicubic; default, as the authors) or none (centre crops)")
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, help="image-decoding threads (default: ≤ 8)")
     p.add_argument("--checkpoint-every", type=int, default=200)
@@ -88,7 +95,7 @@ def finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, accumulation=args.accumulation, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        cache=args.cache, device=args.device, amp=not args.no_amp,
+        cache=args.cache, device=args.device, precision=args.precision, augment=args.augment,
         eval_batch_size=args.eval_batch_size, workers=args.workers,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
     )
@@ -121,7 +128,9 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--alphas", type=_parse_floats,
-                   help="comma-separated coefficient grid (default: 0, 0.05, …, 1)")
+                   help="comma-separated coefficient grid (default: the merge method's "
+                        "reference grid — task_arithmetic, dare: 0, 0.05, …, 1; ties, "
+                        "dare_ties, tsv, iso_c: 0.1, 0.2, …, 3.0; negation: 0, 0.05, …, 1)")
     p.add_argument("--merge", default="task_arithmetic",
                    help="addition: merge method of orthoreg.merging (default task_arithmetic)")
     p.add_argument("--control", default="ImageNet", help="negation: the control task")

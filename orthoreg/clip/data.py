@@ -16,16 +16,24 @@ Splits (Ilharco et al. 2023): ``val`` is held out of ``train``: min(10 %, 5000) 
 with seed 0 (at least one); ``train`` is the rest — the literature's ``<Name>Val`` — and is
 what fine-tuning sees, so that α can be chosen on ``val`` without touching ``test``.
 
-Preprocessing is CLIP's evaluation transform: resize the shorter side to the model's image
-size (bicubic), centre-crop a square, and normalise with the model's mean/std. The first
-two happen here, once per image, into uint8 arrays; normalisation happens in the backbone
-(:class:`orthoreg.clip.model.CLIPVisionBackbone` accepts uint8 input), so a cached split is
-4× smaller than float32 and shared by every model with the same image size.
+Preprocessing of ``val`` and ``test`` is CLIP's evaluation transform: resize the shorter
+side to the model's image size (bicubic), centre-crop a square, and normalise with the
+model's mean/std. The first two happen here, once per image, into uint8 arrays;
+normalisation happens in the backbone (:class:`orthoreg.clip.model.CLIPVisionBackbone`
+accepts uint8 input), so a cached split is 4× smaller than float32 and shared by every
+model with the same image size.
+
+``train`` goes through open_clip's *training* transform (RandomResizedCrop, scale
+(0.9, 1.0), bicubic), as the authors trained: it is cached as whole-image canvases plus the
+original sizes (layout ``canvas``) and cropped afresh at every step
+(:mod:`orthoreg.clip.augment`); ``augmentation=None`` caches it centre-cropped like the
+other splits (no augmentation).
 
 Caching: :func:`materialize` writes a split as one ``.npy`` (N, 3, S, S) uint8 array plus
-labels, keyed by a hash of the file list (relative paths, sizes, mtimes) and S, and opens it
-memory-mapped. Training batches and the coefficient searches then read tensors straight
-from the page cache instead of decoding JPEGs every step.
+labels (and, for canvases, original sizes), keyed by a hash of the file list (relative
+paths, sizes, mtimes), S and the layout, and opens it memory-mapped. Training batches and
+the coefficient searches then read tensors straight from the page cache instead of
+decoding JPEGs every step.
 """
 
 from __future__ import annotations
@@ -42,8 +50,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from orthoreg.clip.augment import RandomCropTrainSet, RandomResizedCrop
 from orthoreg.clip.templates import (
     DatasetSpec,
     dataset_spec,
@@ -64,6 +74,8 @@ VAL_MAX = 5000
 VAL_SEED = 0
 #: bump when the pixels a file decodes to change (resize rule, crop rule, colour handling)
 PREPROCESS_VERSION = 1
+#: how a split is cached: centre crops (evaluation) or whole-image canvases (training crops)
+LAYOUTS = ("center", "canvas")
 
 
 class MissingDataError(OrthoRegError, FileNotFoundError):
@@ -93,6 +105,22 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
     top = round((new_h - size) / 2.0)
     image = image.crop((left, top, left + size, top + size))
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def load_canvas(path: str | os.PathLike[str], size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The whole image resized to uint8 (3, size, size), and its original (height, width).
+
+    Nothing is cut off, so a random crop chosen in the original's coordinates can be taken
+    from the canvas later (:mod:`orthoreg.clip.augment`); the aspect ratio is undone there.
+    """
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    width, height = image.size
+    if (width, height) != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy(), (height, width)
 
 
 # ------------------------------------------------------------------------------- folders
@@ -251,22 +279,40 @@ def _default_workers() -> int:
                       else (os.cpu_count() or 1)))
 
 
-def cache_path(cache_dir: str | os.PathLike[str], split: FolderSplit, size: int) -> Path:
+def cache_path(cache_dir: str | os.PathLike[str], split: FolderSplit, size: int,
+               layout: str = "center") -> Path:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown cache layout {layout!r}; choose from {LAYOUTS}")
+    tag = "" if layout == "center" else f"|{layout}"  # centre-crop keys predate layouts
     key = hashlib.sha256(
-        f"{split.fingerprint}|{size}|v{PREPROCESS_VERSION}".encode()).hexdigest()[:16]
-    return Path(cache_dir) / "images" / f"{split.task}-{split.split}-{size}px-{key}.npy"
+        f"{split.fingerprint}|{size}|v{PREPROCESS_VERSION}{tag}".encode()).hexdigest()[:16]
+    suffix = "" if layout == "center" else f"-{layout}"
+    return Path(cache_dir) / "images" / f"{split.task}-{split.split}-{size}px{suffix}-{key}.npy"
+
+
+def _sizes_path(path: Path) -> Path:
+    return path.with_suffix(".sizes.npy")
 
 
 def materialize(split: FolderSplit, size: int, cache_dir: str | os.PathLike[str],
-                workers: int | None = None, progress: bool = False) -> Path:
-    """Decode a split once into the cache (atomic: a killed run leaves no half file)."""
-    path = cache_path(cache_dir, split, size)
-    if path.is_file() and path.with_suffix(".labels.npy").is_file():
+                workers: int | None = None, progress: bool = False,
+                layout: str = "center") -> Path:
+    """Decode a split once into the cache (atomic: a killed run leaves no half file).
+
+    ``layout="canvas"`` stores whole-image canvases and, beside them, the original sizes.
+    """
+    path = cache_path(cache_dir, split, size, layout)
+    canvas = layout == "canvas"
+    if path.is_file() and path.with_suffix(".labels.npy").is_file() and (
+            not canvas or _sizes_path(path).is_file()):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                       shape=(len(split), 3, size, size))
+    sizes = np.zeros((len(split), 2), dtype=np.int64)
+    decode = ((lambda p: load_canvas(p, size)) if canvas
+              else (lambda p: (load_image(p, size), None)))
     try:
         bar = None
         if progress:
@@ -276,8 +322,10 @@ def materialize(split: FolderSplit, size: int, cache_dir: str | os.PathLike[str]
                        leave=False, dynamic_ncols=True)
         # Pillow releases the GIL while decoding and resizing: threads scale
         with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
-            for index, image in enumerate(pool.map(lambda p: load_image(p, size), split.files)):
+            for index, (image, original) in enumerate(pool.map(decode, split.files)):
                 array[index] = image
+                if original is not None:
+                    sizes[index] = original
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
@@ -287,9 +335,13 @@ def materialize(split: FolderSplit, size: int, cache_dir: str | os.PathLike[str]
         labels_tmp = tmp.with_name(tmp.name.replace(".tmp.npy", ".labels.tmp.npy"))
         np.save(labels_tmp, split.labels)
         os.replace(labels_tmp, path.with_suffix(".labels.npy"))
+        if canvas:
+            sizes_tmp = tmp.with_name(tmp.name.replace(".tmp.npy", ".sizes.tmp.npy"))
+            np.save(sizes_tmp, sizes)
+            os.replace(sizes_tmp, _sizes_path(path))
         os.replace(tmp, path)
         meta = {"task": split.task, "split": split.split, "size": size, "count": len(split),
-                "classes": list(split.classes), "root": str(split.root)}
+                "classes": list(split.classes), "root": str(split.root), "layout": layout}
         atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     finally:
         if tmp.exists():
@@ -303,6 +355,24 @@ def open_cached(path: str | os.PathLike[str]) -> TensorDataset:
     images = np.load(path, mmap_mode="c")
     labels = np.load(path.with_suffix(".labels.npy"))
     return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+
+
+def open_canvases(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """A split cached with ``layout="canvas"``: (canvases memory-mapped, sizes, labels)."""
+    path = Path(path)
+    images = np.load(path, mmap_mode="c")
+    sizes = np.load(_sizes_path(path))
+    labels = np.load(path.with_suffix(".labels.npy"))
+    return (torch.from_numpy(images), torch.from_numpy(sizes.astype(np.int64)),
+            torch.from_numpy(labels.astype(np.int64)))
+
+
+def decode_canvases(split: FolderSplit, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A split's canvases decoded into memory (no cache: small data and tests)."""
+    decoded = [load_canvas(path, size) for path in split.files]
+    return (torch.from_numpy(np.stack([image for image, _ in decoded])),
+            torch.tensor([list(original) for _, original in decoded], dtype=torch.int64),
+            torch.from_numpy(split.labels.astype(np.int64)))
 
 
 @dataclass
@@ -339,13 +409,19 @@ def load_task(data_root: str | os.PathLike[str], name: str, size: int,
               cache_dir: str | os.PathLike[str] | None = None,
               splits: Sequence[str] = SPLITS, workers: int | None = None,
               progress: bool = False,
-              barrier: Callable[[], None] | None = None, writer: bool = True) -> ClipTaskData:
+              barrier: Callable[[], None] | None = None, writer: bool = True,
+              augmentation: RandomResizedCrop | None = None,
+              device: torch.device | str | None = None) -> ClipTaskData:
     """Task ``name`` (``Cars`` or ``CarsVal``: the same data) at image size ``size``.
 
     With ``cache_dir`` the splits are decoded once and memory-mapped (see module doc);
     without, they are :class:`FolderDataset` (decoded per access — for small data and tests).
     Under torchrun only one process should decode: pass ``writer`` (rank 0) and a
     ``barrier`` that every rank calls before opening the cache.
+
+    ``augmentation`` (open_clip's RandomResizedCrop): the ``train`` split is cached as
+    canvases and served as a :class:`~orthoreg.clip.augment.RandomCropTrainSet` whose
+    batches are cropped afresh on ``device`` at every step; ``None``: centre crops.
     """
     from orthoreg.clip.templates import base_task_name
 
@@ -355,15 +431,27 @@ def load_task(data_root: str | os.PathLike[str], name: str, size: int,
     classnames = classnames_for(data_root, base, first.classes)
     datasets: dict[str, Dataset] = {}
     hashes = {split: f.fingerprint for split, f in folders.items()}
+    layouts = {split: "canvas" if split == "train" and augmentation is not None else "center"
+               for split in folders}
     if cache_dir is None:
-        datasets = {split: FolderDataset(f, size) for split, f in folders.items()}
+        datasets = {split: FolderDataset(f, size) for split, f in folders.items()
+                    if layouts[split] == "center"}
+        if "canvas" in layouts.values():
+            datasets["train"] = RandomCropTrainSet(*decode_canvases(folders["train"], size),
+                                                   size, augmentation, device)  # type: ignore[arg-type]
     else:
         if writer:
-            for folder in folders.values():
-                materialize(folder, size, cache_dir, workers, progress)
+            for split, folder in folders.items():
+                materialize(folder, size, cache_dir, workers, progress, layouts[split])
         if barrier is not None:
             barrier()
-        datasets = {split: open_cached(cache_path(cache_dir, f, size))
-                    for split, f in folders.items()}
-    return ClipTaskData(first.task, first.classes, classnames, datasets, hashes,
+        for split, folder in folders.items():
+            path = cache_path(cache_dir, folder, size, layouts[split])
+            if layouts[split] == "canvas":
+                datasets[split] = RandomCropTrainSet(*open_canvases(path), size, augmentation,
+                                                     device)  # type: ignore[arg-type]
+            else:
+                datasets[split] = open_cached(path)
+    return ClipTaskData(first.task, first.classes, classnames,
+                        {split: datasets[split] for split in folders}, hashes,
                         dataset_spec(base))

@@ -4,8 +4,11 @@ Liu et al. (2026) follow Ilharco et al. (2023) and Ortiz-Jiménez et al. (2023):
 AdamW, weight decay 0.1, cosine schedule with 500 warm-up steps, gradient clipping at 1.0,
 batch 128 (ViT-L/14: micro-batches of 64 with 2-step accumulation, the same effective
 batch in less memory), learning rate 1e-5 (LoRA: 1e-4 with rank 8, alpha 8), frozen
-zero-shot heads, and a per-dataset number of epochs that makes about 2000 steps per task.
-Every paradigm runs with and without OrthoReg (λ > 0 or λ = 0).
+zero-shot heads, fp32 (the authors' code, like tangent_task_arithmetic, uses no autocast;
+bf16 is opt-in), open_clip's training augmentation (:mod:`orthoreg.clip.augment`), and a
+per-dataset number of epochs that makes about 2000 steps per task, counted as the authors'
+loader counts them (:func:`recipe_steps`). Every paradigm runs with and without OrthoReg
+(λ > 0 or λ = 0).
 
 Every value can be overridden; :func:`train_config` records the resolved ones, which is
 what a run's ``run.json`` and its resume key hold.
@@ -13,6 +16,7 @@ what a run's ``run.json`` and its resume key hold.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -62,6 +66,19 @@ WARMUP_STEPS = 500
 WEIGHT_DECAY = 0.1
 GRAD_CLIP = 1.0
 
+#: precision name → bf16 autocast on CUDA (TrainConfig.amp); the authors train in fp32
+PRECISIONS: dict[str, bool] = {"fp32": False, "bf16": True}
+DEFAULT_PRECISION = "fp32"
+
+
+def autocast_for(precision: str) -> bool:
+    """Whether ``precision`` trains under bf16 autocast; KeyError listing the choices."""
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise KeyError(f"unknown precision {precision!r}; choose from "
+                       f"{sorted(PRECISIONS)}") from None
+
 
 def get_recipe(paradigm: str) -> ParadigmRecipe:
     try:
@@ -83,16 +100,24 @@ def batch_preset(model: str) -> BatchPreset:
 
 def recipe_steps(task: str, train_size: int, batch: BatchPreset,
                  epochs: float | None = None) -> int:
-    """epochs × optimizer steps per epoch (drop-last), at least one step."""
+    """Optimizer steps as the authors count them: ⌊epochs × ⌈n / micro-batch⌉ / accumulation⌋.
+
+    Their loader (a torch DataLoader without ``drop_last``) has ⌈n / b⌉ batches per epoch,
+    the last one partial, and their schedule runs ``epochs × len(loader) // accumulation``
+    optimizer steps. (Our Trainer draws full batches from seeded permutations, so the
+    same number of steps sees the same number of images up to the partial batches.) At
+    least one step; a split smaller than one micro-batch is an error, since the Trainer
+    cannot draw a full batch from it.
+    """
     spec = dataset_spec(task)
     epochs = spec.epochs if epochs is None else epochs
     if epochs is None:
         raise ValueError(f"task {task!r} has no preset length: pass --epochs or --steps")
-    per_epoch = train_size // (batch.batch_size * batch.accumulation)
-    if per_epoch == 0:
+    if train_size < batch.batch_size:
         raise ValueError(f"task {task!r}: {train_size} training images are fewer than one "
-                         f"batch of {batch.batch_size * batch.accumulation}; lower --batch-size")
-    return max(1, round(epochs * per_epoch))
+                         f"batch of {batch.batch_size}; lower --batch-size")
+    batches_per_epoch = math.ceil(train_size / batch.batch_size)
+    return max(1, int(epochs * batches_per_epoch) // batch.accumulation)
 
 
 def train_config(task: str, model: str, paradigm: str, train_size: int, lam: float = 0.0,
@@ -102,7 +127,8 @@ def train_config(task: str, model: str, paradigm: str, train_size: int, lam: flo
     """The recipe's TrainConfig for (task, model, paradigm), with explicit overrides.
 
     ``overrides`` are other :class:`TrainConfig` fields (``weight_decay``, ``warmup_steps``,
-    ``grad_clip``, ``squared``, ``seed``, ``amp``, ``progress``, …).
+    ``grad_clip``, ``squared``, ``seed``, ``amp``, ``progress``, …). The default is fp32
+    (``amp=False``), as the authors trained.
     """
     preset = batch_preset(model)
     batch = BatchPreset(batch_size or preset.batch_size,
@@ -113,5 +139,5 @@ def train_config(task: str, model: str, paradigm: str, train_size: int, lam: flo
                        accumulation=batch.accumulation,
                        lr=lr if lr is not None else get_recipe(paradigm).lr,
                        weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS,
-                       grad_clip=GRAD_CLIP, lam=lam)
+                       grad_clip=GRAD_CLIP, lam=lam, amp=autocast_for(DEFAULT_PRECISION))
     return replace(base, **overrides)

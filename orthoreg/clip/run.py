@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from orthoreg.clip.augment import get_augmentation
 from orthoreg.clip.data import ClipTaskData, load_task
 from orthoreg.clip.model import (
     ClipModelSpec,
@@ -43,10 +44,11 @@ from orthoreg.clip.model import (
     weights_fingerprint,
     zeroshot_head,
 )
-from orthoreg.clip.recipe import build_paradigm, train_config
+from orthoreg.clip.recipe import DEFAULT_PRECISION, autocast_for, build_paradigm, train_config
 from orthoreg.clip.templates import CONTROL_TASK, base_task_name
 from orthoreg.errors import OrthoRegError
 from orthoreg.taskvector import TaskVector
+from orthoreg.training import TrainConfig
 from orthoreg.utils.io import OrthoRegFileError, atomic_write_json
 from orthoreg.utils.provenance import provenance, seed_everything
 
@@ -150,7 +152,10 @@ class FinetuneSpec:
     lora_alpha: float = 8.0
     cache: str | None = None
     device: str | None = None
-    amp: bool = True
+    #: "fp32" (the authors') or "bf16" (autocast on CUDA; fp32 on CPU either way)
+    precision: str = DEFAULT_PRECISION
+    #: training augmentation (orthoreg.clip.augment): open_clip's, or "none" (centre crops)
+    augment: str = "random-resized-crop"
     eval_batch_size: int = 256
     workers: int | None = None
     progress: bool = True
@@ -167,6 +172,8 @@ class FinetuneSpec:
 
 def _spec_key(record: Mapping[str, Any]) -> str:
     fields = {k: record[k] for k in ("task", "paradigm", "paradigm_options", "train")}
+    if record.get("augmentation") is not None:  # runs without one keep their old keys
+        fields["augmentation"] = record["augmentation"]
     fields["model"] = {k: record["model"][k] for k in ("name", "weights_sha256", "quick_gelu")}
     fields["splits"] = record["data"]["split_hashes"]
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -201,29 +208,22 @@ def finetune_task(spec: FinetuneSpec) -> dict[str, Any] | None:
     out = Path(spec.out)
     cache = Path(spec.cache) if spec.cache else default_cache()
     model_spec = spec.model_spec()
+    augmentation = get_augmentation(spec.augment)
     with distributed(spec.device) as dist:
         started = time.perf_counter()
         # the crop size is the config's: images are decoded before the weights are read
         size = model_image_size(model_spec.name)
         data = load_task(spec.data_root, spec.task, size, cache, ("train", "val", "test"),
                          workers=spec.workers, progress=spec.progress and dist.is_writer,
-                         barrier=dist.barrier, writer=dist.is_writer)
-        cfg = train_config(
-            data.name, spec.model, spec.paradigm, len(data.train), spec.lam,
-            epochs=spec.epochs, steps=spec.steps, batch_size=spec.batch_size,
-            accumulation=spec.accumulation, lr=spec.lr, squared=spec.squared, seed=spec.seed,
-            amp=spec.amp and dist.device.type == "cuda", progress=spec.progress,
-            checkpoint_every=spec.checkpoint_every,
-            **{k: v for k, v in (("weight_decay", spec.weight_decay),
-                                 ("warmup_steps", spec.warmup_steps),
-                                 ("grad_clip", spec.grad_clip)) if v is not None},
-        )
-        if cfg.grad_clip == 0:
-            cfg = replace(cfg, grad_clip=None)
+                         barrier=dist.barrier, writer=dist.is_writer,
+                         augmentation=augmentation, device=dist.device)
+        cfg = resolve_train_config(spec, data.name, len(data.train), dist.device)
         record = {
             "kind": RUN_KIND, "task": data.name, "model": model_spec.to_dict(),
             "paradigm": spec.paradigm, "paradigm_options": spec.paradigm_options(),
-            "lambda": spec.lam, "squared": spec.squared, "train": cfg.resume_key(),
+            "lambda": spec.lam, "squared": spec.squared, "precision": spec.precision,
+            "augmentation": augmentation.to_dict() if augmentation is not None else None,
+            "train": cfg.resume_key(),
             "data": {"root": str(Path(spec.data_root).resolve()), "classes": list(data.classes),
                      "classnames": data.classnames, "split_hashes": data.split_hashes,
                      "sizes": {s: len(d) for s, d in data.splits.items()},
@@ -266,6 +266,26 @@ def finetune_task(spec: FinetuneSpec) -> dict[str, Any] | None:
         atomic_write_json(out / RUN_FILE, record)
         (out / "checkpoint.safetensors").unlink(missing_ok=True)  # the vector supersedes it
         return record
+
+
+def resolve_train_config(spec: FinetuneSpec, task: str, train_size: int,
+                         device: torch.device) -> TrainConfig:
+    """The recipe's TrainConfig for ``spec`` on ``device``: what the run records and keys.
+
+    bf16 autocast only where ``spec.precision`` asks for it *and* the device is CUDA (the
+    Trainer autocasts nothing elsewhere, so the record says what actually ran).
+    """
+    cfg = train_config(
+        task, spec.model, spec.paradigm, train_size, spec.lam,
+        epochs=spec.epochs, steps=spec.steps, batch_size=spec.batch_size,
+        accumulation=spec.accumulation, lr=spec.lr, squared=spec.squared, seed=spec.seed,
+        amp=autocast_for(spec.precision) and device.type == "cuda", progress=spec.progress,
+        checkpoint_every=spec.checkpoint_every,
+        **{k: v for k, v in (("weight_decay", spec.weight_decay),
+                             ("warmup_steps", spec.warmup_steps),
+                             ("grad_clip", spec.grad_clip)) if v is not None},
+    )
+    return replace(cfg, grad_clip=None) if cfg.grad_clip == 0 else cfg
 
 
 def _finished_record(out: Path, key: str) -> dict[str, Any] | None:
@@ -375,8 +395,14 @@ def evaluate_addition(run_dirs: Sequence[str | os.PathLike[str]],
                       alphas: Sequence[float] | None = None,
                       merge: str = "task_arithmetic",
                       merge_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Task addition over the runs' vectors (DESIGN.md §2), α chosen on their val splits."""
-    from orthoreg.evaluation import DEFAULT_ALPHAS, addition
+    """Task addition over the runs' vectors (DESIGN.md §2), α chosen on their val splits.
+
+    ``alphas=None``: the merge method's reference grid (``orthoreg.merging.default_alphas``);
+    ``merge_params=None``: the method's paper hyper-parameters where they differ from the
+    library defaults (``orthoreg.merging.paper_params``: DARE's drop rate 0.9).
+    """
+    from orthoreg.evaluation import addition
+    from orthoreg.merging import paper_params
 
     runs = [load_run(d) for d in run_dirs]
     first = check_runs(runs)
@@ -389,9 +415,9 @@ def evaluate_addition(run_dirs: Sequence[str | os.PathLike[str]],
     vectors = {run.task: run.vector for run in runs}
     finetuned = {run.task: run.record["accuracy"]["finetuned"] for run in runs}
     result = addition(backbone, tasks, vectors, finetuned,
-                      alphas=list(alphas or DEFAULT_ALPHAS), merge=merge,
-                      merge_params=merge_params, paradigm=first["paradigm"],
-                      batch_size=options.batch_size)
+                      alphas=list(alphas) if alphas else None, merge=merge,
+                      merge_params=paper_params(merge) if merge_params is None else merge_params,
+                      paradigm=first["paradigm"], batch_size=options.batch_size)
     return {"kind": "orthoreg.clip_addition", "model": spec.to_dict(),
             "runs": {run.task: str(run.path) for run in runs},
             "zeroshot": {run.task: run.record["accuracy"]["zeroshot"] for run in runs},

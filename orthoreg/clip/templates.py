@@ -4,9 +4,11 @@ CLIP's zero-shot classifier for a task is the averaged text embedding of every c
 inserted into a handful of prompt templates (Radford et al. 2021, §3.1.4). The task-vector
 literature (Ilharco et al. 2023; Ortiz-Jiménez et al. 2023; OrthoReg, Liu et al. 2026)
 freezes these heads during fine-tuning, so a task vector changes only the image encoder and
-vectors of different tasks share one set of heads. The templates below are written in that
-literature's style: a few phrasings that say what kind of image it is (satellite photo,
-traffic sign, texture, number).
+vectors of different tasks share one set of heads. The templates below are that
+literature's (Ilharco et al.'s ``templates.py``, kept by the OrthoReg code): a few phrasings
+that say what kind of image it is (satellite photo, traffic sign, texture, number) —
+Cars 8, DTD 8, EuroSAT 3, GTSRB 3, MNIST 1, RESISC45 18, SUN397 2, SVHN 1 — and OpenAI's
+80 ImageNet prompts for the negation control.
 
 Class names: a dataset's classes are its class *folders* (``orthoreg.clip.data``), and
 each folder gets the name used in the prompts by, in order,
@@ -63,6 +65,7 @@ GTSRB_TEMPLATES = (
     'a close up photo of a "{}" traffic sign.',
 )
 DIGIT_TEMPLATES = ('a photo of the number: "{}".',)
+#: 18 prompts: {imagery, photo, view} × {satellite, aerial} × {"", "a", "the"} (Ilharco et al.)
 RESISC45_TEMPLATES = (
     "satellite imagery of {}.",
     "aerial imagery of {}.",
@@ -76,21 +79,97 @@ RESISC45_TEMPLATES = (
     "aerial photo of a {}.",
     "satellite view of a {}.",
     "aerial view of a {}.",
+    "satellite imagery of the {}.",
+    "aerial imagery of the {}.",
+    "satellite photo of the {}.",
+    "aerial photo of the {}.",
+    "satellite view of the {}.",
+    "aerial view of the {}.",
 )
 SUN397_TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
+#: OpenAI's 80 ImageNet prompts (Radford et al. 2021; open_clip's
+#: ``OPENAI_IMAGENET_TEMPLATES``, in its order), what the literature's ImageNet head uses
 IMAGENET_TEMPLATES = (
-    "a photo of a {}.",
     "a bad photo of a {}.",
     "a photo of many {}.",
     "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
     "a rendering of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of the {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
     "a cropped photo of the {}.",
-    "a photo of the large {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
     "a photo of the small {}.",
-    "itap of a {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
     "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
 )
 GENERIC_TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
 

@@ -75,6 +75,10 @@ def test_cli_finetune_then_addition_and_negation(tiny_config: Path, tiny_weights
         record = json.loads((out / "run.json").read_text())
         assert record["task"] == task and record["train"]["lam"] == 1.0
         assert record["model"]["weights_sha256"] and record["train"]["steps"] == 4
+        # the authors' recipe by default: fp32, open_clip's training crop
+        assert record["precision"] == "fp32" and record["train"]["amp"] is False
+        assert record["augmentation"]["kind"] == "random_resized_crop"
+        assert record["augmentation"]["scale"] == [0.9, 1.0]
         assert set(record["accuracy"]) == {"finetuned", "zeroshot"}
         assert (out / "vector.safetensors").is_file() and (out / "head.safetensors").is_file()
         assert not (out / "checkpoint.safetensors").exists()
@@ -111,6 +115,18 @@ def test_cli_finetune_then_addition_and_negation(tiny_config: Path, tiny_weights
     assert [row["threshold"] for row in result["thresholds"]] == [0.95, 0.9, 0.8]
 
 
+def test_cli_precision_and_augmentation_options(tiny_config: Path, tiny_weights: Path,
+                                                data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    assert main(_finetune_args(tiny_config, tiny_weights, data_root, "MNIST", out,
+                               tmp_path / "cache", "--precision", "bf16", "--augment",
+                               "none")) == 0
+    record = json.loads((out / "run.json").read_text())
+    # bf16 was asked for; on a CPU nothing is autocast, and the record says so
+    assert record["precision"] == "bf16" and record["train"]["amp"] is False
+    assert record["augmentation"] is None
+
+
 def test_cli_errors_name_the_missing_thing(tiny_config: Path, tiny_weights: Path,
                                            data_root: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,6 +156,44 @@ def test_runs_from_different_paradigms_are_not_mixed(tiny_config: Path, tiny_wei
     assert main(["evaluate", "addition", "--run", str(tmp_path / "MNIST"),
                  str(tmp_path / "EuroSAT"), "--cache", str(cache)]) == 2
     assert "uses paradigm 'lora'" in capsys.readouterr().err
+
+
+def test_augmented_training_resumes_bit_identically(setup, data_root: Path,
+                                                   tmp_path: Path) -> None:
+    """The crop keys come from the checkpointed generator: a killed run ends identical."""
+    from orthoreg.clip.augment import RandomCropTrainSet, RandomResizedCrop
+
+    backbone, head, _ = setup
+    data = load_task(data_root, "MNIST", 32, tmp_path / "cache", augmentation=RandomResizedCrop())
+    assert isinstance(data.train, RandomCropTrainSet)
+    config = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=0, lam=1.0,
+                         progress=False, log_every=1, checkpoint_every=2)
+    whole = build_paradigm("full").prepare(copy.deepcopy(backbone))
+    finetune(whole, head, data.train, config)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_3(record: dict[str, float]) -> None:
+        if record["step"] == 3:
+            raise Killed
+
+    interrupted = build_paradigm("full").prepare(copy.deepcopy(backbone))
+    with pytest.raises(Killed):
+        finetune(interrupted, head, data.train, config, workdir=tmp_path / "run",
+                 on_log=kill_at_step_3)
+    torch.manual_seed(123)  # whatever the caller drew since, the checkpoint restores the state
+    resumed = build_paradigm("full").prepare(copy.deepcopy(backbone))
+    result = finetune(resumed, head, data.train, config, workdir=tmp_path / "run")
+    assert result.resumed_from == 2
+    for name, tensor in whole.task_vector().items():
+        assert torch.equal(resumed.task_vector()[name], tensor), name
+    # and the augmentation did something: training on centre crops ends elsewhere
+    plain = load_task(data_root, "MNIST", 32, tmp_path / "cache", augmentation=None)
+    centre = build_paradigm("full").prepare(copy.deepcopy(backbone))
+    finetune(centre, head, plain.train, config)
+    assert not torch.equal(centre.task_vector()["visual.conv1.weight"],
+                           whole.task_vector()["visual.conv1.weight"])
 
 
 def test_heads_ignore_training(setup) -> None:

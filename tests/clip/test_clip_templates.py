@@ -6,6 +6,7 @@ import pytest
 
 from orthoreg.clip.recipe import (
     PARADIGM_RECIPES,
+    autocast_for,
     batch_preset,
     build_paradigm,
     recipe_steps,
@@ -82,13 +83,54 @@ def test_recipe_presets() -> None:
     assert (large.batch_size, large.accumulation) == (64, 2)
     cfg = train_config("Cars", "ViT-B-32", "full", 7330, lam=10)
     assert (cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip) == (1e-5, 0.1, 500, 1.0)
-    assert cfg.steps == 35 * (7330 // 128) and cfg.lam == 10
+    assert cfg.lam == 10 and cfg.amp is False  # fp32, as the authors train
     lora = train_config("MNIST", "ViT-L-14", "lora", 54000)
     assert lora.lr == 1e-4 and (lora.batch_size, lora.accumulation) == (64, 2)
-    assert lora.steps == 5 * (54000 // 128)
-    assert recipe_steps("Flowers", 300, batch_preset("x"), epochs=2.5) == 5
     with pytest.raises(ValueError, match="fewer than one batch"):
         recipe_steps("MNIST", 100, batch_preset("x"))
+
+
+def test_steps_count_the_authors_loader_length() -> None:
+    """epochs × ⌈n / b⌉ (a DataLoader without drop_last) // accumulation, not ⌊n / b⌋."""
+    # Cars: 7330 images → ⌈7330/128⌉ = 58 batches (57 full + one of 34) × 35 epochs
+    assert train_config("Cars", "ViT-B-32", "full", 7330).steps == 35 * 58 == 2030
+    assert 35 * (7330 // 128) == 1995  # what drop-last counting gave
+    # exactly divisible: no partial batch, the two counts agree
+    assert recipe_steps("MNIST", 128 * 100, batch_preset("x")) == 5 * 100
+    # one image over: one more batch per epoch
+    assert recipe_steps("MNIST", 128 * 100 + 1, batch_preset("x")) == 5 * 101
+    # ViT-L/14: micro-batches of 64, 2 per step: 5 × ⌈54000/64⌉ // 2 = 5 × 844 // 2
+    assert train_config("MNIST", "ViT-L-14", "lora", 54000).steps == 2110
+    assert recipe_steps("Flowers", 300, batch_preset("x"), epochs=2.5) == 7  # int(2.5 × 3)
+
+
+def test_precision_is_fp32_unless_bf16_is_asked_for() -> None:
+    assert autocast_for("fp32") is False and autocast_for("bf16") is True
+    assert train_config("Cars", "ViT-B-32", "full", 7330, amp=True).amp is True
+    with pytest.raises(KeyError, match="unknown precision 'fp16'"):
+        autocast_for("fp16")
+
+
+def test_template_counts_match_the_literature() -> None:
+    """Ilharco et al.'s templates per task, and OpenAI's 80 ImageNet prompts."""
+    counts = {"Cars": 8, "DTD": 8, "EuroSAT": 3, "GTSRB": 3, "MNIST": 1, "RESISC45": 18,
+              "SUN397": 2, "SVHN": 1, "ImageNet": 80}
+    for task, count in counts.items():
+        templates = DATASETS[task].templates
+        assert len(templates) == count == len(set(templates)), task
+    resisc = DATASETS["RESISC45"].templates
+    for kind in ("imagery", "photo", "view"):
+        for source in ("satellite", "aerial"):
+            for article in ("", "a ", "the "):
+                assert f"{source} {kind} of {article}{{}}." in resisc
+    imagenet = DATASETS["ImageNet"].templates
+    assert imagenet[0] == "a bad photo of a {}." and imagenet[-1] == "a tattoo of the {}."
+
+
+def test_imagenet_templates_are_open_clips_openai_list() -> None:
+    metadata = pytest.importorskip("open_clip.zero_shot_metadata")
+    expected = [template("{}") for template in metadata.OPENAI_IMAGENET_TEMPLATES]
+    assert list(DATASETS["ImageNet"].templates) == expected
 
 
 def test_recipe_needs_a_length_for_unknown_tasks() -> None:
