@@ -53,7 +53,17 @@ class TaskVector(Mapping[str, Tensor]):
         keys: list[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> TaskVector:
-        """τ = finetuned − base over ``keys`` (default: every floating tensor both share)."""
+        """τ = finetuned − base over ``keys`` (default: every floating tensor both share).
+
+        ``base`` must be a copy taken before training. ``model.state_dict()`` returns the live
+        parameters, not a snapshot, so a θ0 captured as ``theta0 = model.state_dict()`` has
+        followed every optimizer step and τ would be exactly zero. A zero vector merges and
+        saves without complaint, so this is an error rather than a warning, which training
+        logs would bury: a tensor that shares memory (the same ``data_ptr``) on both sides
+        raises TaskVectorMismatch naming it. Capture θ0 with
+        ``{k: v.detach().clone() for k, v in model.state_dict().items()}``; leave tensors
+        that were frozen on purpose out of ``keys``, or clone them too.
+        """
         names = keys if keys is not None else [
             k for k, v in finetuned.items() if torch.is_floating_point(v)
         ]
@@ -67,6 +77,12 @@ class TaskVector(Mapping[str, Tensor]):
                 raise TaskVectorMismatch(
                     f"{name!r}: base shape {tuple(base[name].shape)} != "
                     f"fine-tuned shape {tuple(finetuned[name].shape)}"
+                )
+            if _same_memory(base[name], finetuned[name]):
+                raise TaskVectorMismatch(
+                    f"{name!r}: the base and fine-tuned tensors share memory, so τ would be "
+                    "zero; capture θ0 before training as "
+                    "{k: v.detach().clone() for k, v in model.state_dict().items()}"
                 )
             diffs[name] = (finetuned[name].detach() - base[name].detach().to(finetuned[name]))
         meta = {"base_fingerprint": fingerprint_state(base), **(metadata or {})}
@@ -258,6 +274,18 @@ def check_all_compatible(vectors: Sequence[TaskVector]) -> None:
                     f"task vectors {present[0][0]} and {index} differ in {key}: "
                     f"{present[0][1]!r} vs {value!r}"
                 )
+
+
+def _same_memory(first: Tensor, second: Tensor) -> bool:
+    """Whether two non-empty tensors start at the same address (one is a view of the other).
+
+    Empty and storage-less (meta) tensors report address 0 whatever they are; they are
+    never called shared.
+    """
+    if first.numel() == 0 or first.device != second.device:
+        return False
+    pointer = first.data_ptr()
+    return pointer != 0 and pointer == second.data_ptr()
 
 
 def _as_list(value: Any) -> list[Any]:

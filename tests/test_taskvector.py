@@ -107,6 +107,43 @@ def test_from_state_dicts_is_finetuned_minus_base():
     assert vector.metadata["paradigm"] == "full" and len(vector.metadata["base_fingerprint"]) == 16
 
 
+def _train_one_step(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).square().mean().backward()
+    optimizer.step()
+
+
+def test_uncloned_theta0_is_refused_not_a_silent_zero_vector():
+    """``model.state_dict()`` aliases the live weights: τ from it would be exactly zero."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    theta0 = model.state_dict()  # the trap: no clone
+    _train_one_step(model)
+    with pytest.raises(TaskVectorMismatch, match=r"'weight': .*share memory.*clone\(\)"):
+        TaskVector.from_state_dicts(theta0, model.state_dict())
+
+
+def test_cloned_theta0_gives_the_update():
+    """The README's capture: a detached clone per tensor, taken before training."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _train_one_step(model)
+    vector = TaskVector.from_state_dicts(theta0, model.state_dict())
+    assert vector.norm() > 0
+    torch.testing.assert_close(vector["weight"], model.weight.detach() - theta0["weight"])
+
+
+def test_one_shared_tensor_is_named_and_keys_can_leave_it_out():
+    base = {"a": torch.zeros(2), "frozen": torch.ones(3)}
+    finetuned = {"a": torch.ones(2), "frozen": base["frozen"]}  # same tensor object
+    with pytest.raises(TaskVectorMismatch, match="'frozen'"):
+        TaskVector.from_state_dicts(base, finetuned)
+    assert list(TaskVector.from_state_dicts(base, finetuned, keys=["a"])) == ["a"]
+    equal_copy = {"a": torch.ones(2), "frozen": base["frozen"].clone()}  # equal, not shared
+    assert TaskVector.from_state_dicts(base, equal_copy)["frozen"].abs().sum() == 0
+
+
 def test_save_load_round_trip_is_bit_exact_safetensors(tmp_path, pair):
     a, _ = pair
     extra = {f"block{i}.weight": torch.randn(2, i + 1) for i in (3, 1, 2, 0)}  # unsorted
