@@ -87,12 +87,38 @@ def fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_parameters_help() -> tuple[str, str]:
+    """The ``--param`` help and the list of methods, both read from the merge registry.
+
+    Written out by hand, the example drifted from the code (``k=0.2``, which no method
+    accepts); built from each method's defaults and constraints it stays true.
+    """
+    from orthoreg import merging
+
+    methods = [merging.get(name) for name in merging.available()]
+    example = next(((method.name, key, value) for method in methods
+                    for key, value in method.defaults.items() if value is not None), None)
+    param_help = "a hyper-parameter of the method (repeatable)"
+    if example is not None:
+        name, key, value = example
+        param_help += f", e.g. --param {key}={value!r} for {name}"
+    lines = ["merge methods and the --param KEY each accepts (default, valid values):"]
+    for method in methods:
+        lines.append(f"  {method.name}" + ("" if method.constraints else ": no parameters"))
+        lines += [f"      {key}={method.defaults[key]!r}: {constraint.description}"
+                  for key, constraint in method.constraints.items()]
+    return param_help, "\n".join(lines)
+
+
 def _configure_merge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", help="merge method (see `orthoreg merge list`)")
+    param_help, methods = _merge_parameters_help()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep one method per line
+    p.epilog = methods
+    p.add_argument("method", help="merge method (see `orthoreg merge list` and below)")
     p.add_argument("vectors", nargs="*", help="task vector files (.safetensors)")
     p.add_argument("--out", help="where to write the merged task vector")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a merge hyper-parameter, e.g. --param k=0.2")
+                   help=param_help)
 
 
 @command("merge", "merge task vectors with a registered method", _configure_merge)
@@ -126,17 +152,22 @@ def _configure_info(p: argparse.ArgumentParser) -> None:
 
 @command("info", "describe task vectors: metadata, norms, pairwise cosines", _configure_info)
 def info(args: argparse.Namespace) -> int:
-    from orthoreg.taskvector import TaskVector
+    from orthoreg.taskvector import TaskVector, check_all_compatible
 
+    # load and check every input, and compute every figure, before printing a line: a
+    # mismatch in the last file must not leave half a report above its error
     vectors = [TaskVector.load(path) for path in args.vectors]
+    if len(vectors) > 1:
+        check_all_compatible(vectors)
+    lines = []
     for path, vector in zip(args.vectors, vectors):
         meta = {k: v for k, v in vector.metadata.items() if k not in ("versions", "config")}
-        print(f"{path}: {len(vector)} tensors, ‖τ‖ = {vector.norm():.4g}")
-        print("  " + json.dumps(meta, default=str))
+        lines.append(f"{path}: {len(vector)} tensors, ‖τ‖ = {vector.norm():.4g}")
+        lines.append("  " + json.dumps(meta, default=str))
     if len(vectors) > 1:
-        print("pairwise cosine:")
-        for a in vectors:
-            print("  " + " ".join(f"{a.cosine(b):+.3f}" for b in vectors))
+        lines.append("pairwise cosine:")
+        lines += ["  " + " ".join(f"{a.cosine(b):+.3f}" for b in vectors) for a in vectors]
+    print("\n".join(lines))
     return 0
 
 

@@ -106,29 +106,73 @@ class ExperimentConfig:
 
 
 # ------------------------------------------------------------------------- validation
-_RANGES: dict[str, Callable[[Any], bool]] = {
-    "data.max_train": lambda v: v >= 8, "data.max_val": lambda v: v >= 1,
-    "data.max_test": lambda v: v >= 1, "data.shots": lambda v: v >= 1,
-    "data.resolution": lambda v: 16 <= v <= 1024, "data.max_length": lambda v: 4 <= v <= 4096,
-    "train.steps": lambda v: v >= 1, "train.batch_size": lambda v: v >= 1,
-    "train.warmup_steps": lambda v: v >= 0, "train.weight_decay": lambda v: v >= 0,
-    "train.grad_clip": lambda v: v > 0, "train.label_smoothing": lambda v: 0 <= v < 1,
-    "train.accumulation": lambda v: v >= 1, "train.probes": lambda v: v >= 1,
-    "train.estimator": lambda v: v in ("exact", "hutchinson"),
-    "selection.lambdas": lambda v: len(v) >= 1 and all(0 < x <= 1e4 for x in v),
-    "selection.lr_multipliers": lambda v: len(v) >= 1 and all(0 < x <= 100 for x in v),
-    "selection.on_seed": lambda v: v in ("first", "each"),
-    "alphas.num": lambda v: 1 <= v <= 201,
-    "alphas.start": lambda v: -10 <= v <= 10, "alphas.stop": lambda v: -10 <= v <= 10,
-    "negation_thresholds": lambda v: len(v) >= 1 and all(0 < x <= 1 for x in v),
-    "tasks": lambda v: len(v) >= 1 and len(set(v)) == len(v),
-    "seeds": lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(s >= 0 for s in v),
-    "paradigms.*.lr": lambda v: 0 < v < 1, "paradigms.*.rank": lambda v: v >= 1,
-    "paradigms.*.alpha": lambda v: v > 0,
+class _Rule(typing.NamedTuple):
+    """A range rule: the predicate and the words the error message states when it fails.
+
+    Kept in one entry so that no rule can be added without its message (a separate text
+    table had gaps, and the gaps said only "expected a valid value").
+    """
+
+    test: Callable[[Any], bool]
+    text: str
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def _in(low: float, high: float, x: Any, low_open: bool, high_open: bool) -> bool:
+    return (low < x if low_open else low <= x) and (x < high if high_open else x <= high)
+
+
+def _at_least(low: float, what: str = "an integer") -> _Rule:
+    return _Rule(lambda v: v >= low, f"{what} ≥ {low:g}")
+
+
+def _above(low: float, what: str = "a number") -> _Rule:
+    return _Rule(lambda v: v > low, f"{what} > {low:g}")
+
+
+def _within(low: float, high: float, what: str, *, low_open: bool = False,
+            high_open: bool = False) -> _Rule:
+    return _Rule(lambda v: _in(low, high, v, low_open, high_open),
+                 f"{what} in {_interval(low, high, low_open, high_open)}")
+
+
+def _list_within(low: float, high: float, what: str, *, low_open: bool = False,
+                 high_open: bool = False) -> _Rule:
+    return _Rule(lambda v: len(v) >= 1 and all(_in(low, high, x, low_open, high_open) for x in v),
+                 f"a non-empty list of {what} in {_interval(low, high, low_open, high_open)}")
+
+
+def _one_of(*choices: str) -> _Rule:
+    return _Rule(lambda v: v in choices, "one of " + ", ".join(map(repr, choices)))
+
+
+_RANGES: dict[str, _Rule] = {
+    "data.max_train": _at_least(8), "data.max_val": _at_least(1),
+    "data.max_test": _at_least(1), "data.shots": _at_least(1),
+    "data.resolution": _within(16, 1024, "an integer"),
+    "data.max_length": _within(4, 4096, "an integer"),
+    "train.steps": _at_least(1), "train.batch_size": _at_least(1),
+    "train.warmup_steps": _at_least(0), "train.weight_decay": _at_least(0, "a number"),
+    "train.grad_clip": _above(0),
+    "train.label_smoothing": _within(0, 1, "a number", high_open=True),
+    "train.accumulation": _at_least(1), "train.probes": _at_least(1),
+    "train.estimator": _one_of("exact", "hutchinson"),
+    "selection.lambdas": _list_within(0, 1e4, "λ values", low_open=True),
+    "selection.lr_multipliers": _list_within(0, 100, "multipliers", low_open=True),
+    "selection.on_seed": _one_of("first", "each"),
+    "alphas.num": _within(1, 201, "an integer"),
+    "alphas.start": _within(-10, 10, "a number"), "alphas.stop": _within(-10, 10, "a number"),
+    "negation_thresholds": _list_within(0, 1, "fractions", low_open=True),
+    "tasks": _Rule(lambda v: len(v) >= 1 and len(set(v)) == len(v),
+                   "a non-empty list without repeats"),
+    "seeds": _Rule(lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(s >= 0 for s in v),
+                   "a non-empty list of distinct integers ≥ 0"),
+    "paradigms.*.lr": _within(0, 1, "a number", low_open=True, high_open=True),
+    "paradigms.*.rank": _at_least(1), "paradigms.*.alpha": _above(0),
 }
-_RANGE_TEXT = {"selection.lambdas": "λ values in (0, 1e4]", "alphas.num": "1..201 points",
-               "negation_thresholds": "a non-empty list of fractions in (0, 1]",
-               "tasks": "a non-empty list without repeats", "train.estimator": "exact|hutchinson"}
 
 
 def _printable(key: Any) -> str:
@@ -139,9 +183,9 @@ def _printable(key: Any) -> str:
 def _check_range(key: str, value: Any) -> None:
     generic = "paradigms.*." + key.rsplit(".", 1)[-1] if key.startswith("paradigms.") else key
     rule = _RANGES.get(key) or _RANGES.get(generic)
-    if rule is not None and not rule(value):
-        hint = _RANGE_TEXT.get(key, _RANGE_TEXT.get(generic, "a valid value"))
-        raise ConfigError(f"config key '{key}': {value!r} is out of range (expected {hint})")
+    if rule is not None and not rule.test(value):
+        raise ConfigError(f"config key '{key}': {value!r} is out of range (expected "
+                          f"{rule.text})")
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:

@@ -12,16 +12,18 @@ import copy
 import json
 import re
 import subprocess
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from reliability_helpers import PYTHON, REPO, TINY_CONFIG, python_env, run_cli
 
 from orthoreg.cli.registry import COMMANDS
 from orthoreg.errors import ConfigError, OrthoRegError
-from orthoreg.experiment.config import ExperimentConfig, from_mapping, load_config
+from orthoreg.experiment.config import _RANGES, ExperimentConfig, from_mapping, load_config
 from orthoreg.experiment.pipeline import Experiment
 from orthoreg.taskvector import TaskVector, TaskVectorMismatch
 from orthoreg.zoo.assets import AssetCorrupted
@@ -96,6 +98,51 @@ def test_bad_config_is_a_one_line_config_error_naming_the_key(dotted, value, key
 def test_the_base_config_of_these_cases_is_valid():
     """So that each case above fails for its one change, not for something else."""
     assert isinstance(from_mapping(TINY_CONFIG), ExperimentConfig)
+
+
+def _field_type(dotted: str) -> Any:
+    """The declared type of a ``_RANGES`` key (``paradigms.*.x`` is ParadigmConfig.x)."""
+    hint: Any = ExperimentConfig
+    for part in dotted.split("."):
+        if part == "*":
+            hint = typing.get_args(hint)[1]  # dict[str, ParadigmConfig]
+            continue
+        hint = typing.get_type_hints(hint)[part]
+    return hint
+
+
+#: values of each declared type, at least one of which breaks any sensible range rule
+_OUT_OF_RANGE = {int: [-3, 0, 10**6], float: [-3.0, 0.0, 1e6], str: ["bogus"],
+                 tuple[int, ...]: [[], [-1], [1, 1]], tuple[float, ...]: [[], [-1.0], [1e9]],
+                 tuple[str, ...]: [[], ["a", "a"]], dict[str, tuple[float, ...]]: [{"x": []}]}
+
+
+@pytest.mark.parametrize("dotted", sorted(_RANGES))
+def test_every_range_rule_states_its_range(dotted: str):
+    """The message is the rule's own text (no "expected a valid value"), and integer
+    fields are described as integers, real fields as numbers."""
+    rule = _RANGES[dotted]
+    kind = _field_type(dotted)
+    assert ("integer" in rule.text) == (kind is int or kind == tuple[int, ...]), rule.text
+    def coerced(value: Any) -> Any:  # lists become tuples, as from_mapping makes them
+        if isinstance(value, dict):
+            return {k: tuple(v) for k, v in value.items()}
+        return tuple(value) if isinstance(value, list) else value
+
+    bad = [value for value in _OUT_OF_RANGE[kind] if not rule.test(coerced(value))]
+    assert bad, f"no out-of-range example for {dotted}"
+    key = dotted.replace("*", "full")
+    raw = with_value(key, bad[0]) if "*" not in dotted else with_value(
+        "paradigms", {"full": {dotted.rsplit(".", 1)[1]: bad[0]}})
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(raw)
+    assert f"'{key}'" in str(caught.value) and f"(expected {rule.text})" in str(caught.value)
+
+
+def test_negative_steps_say_which_values_are_valid():
+    with pytest.raises(ConfigError, match=r"'train\.steps': -3 is out of range \(expected an "
+                                          r"integer ≥ 1\)"):
+        from_mapping(with_value("train.steps", -3))
 
 
 def test_unknown_task_is_caught_before_any_work(tmp_path: Path):
@@ -262,6 +309,38 @@ def test_cli_merge_good_inputs_still_work(vectors, tmp_path: Path):
                       "--out", str(out)])
     assert result.code == 0, result.err
     assert torch.equal(TaskVector.load(out)["w"], torch.full((2, 3), 3.0))
+
+
+@pytest.mark.parametrize("other", ["keys", "shape", "base", "paradigm"])
+def test_cli_info_checks_every_vector_before_printing(vectors, other: str):
+    """A mismatch in the last file: one error line, and not half a report above it."""
+    result = run_cli(["info", str(vectors["a"]), str(vectors["b"]), str(vectors[other])])
+    assert result.code == 2 and result.out == "" and "Traceback" not in result.err
+    assert result.err.count("\n") == 1
+
+
+def test_cli_info_good_inputs_print_norms_and_cosines(vectors):
+    result = run_cli(["info", str(vectors["a"]), str(vectors["b"])])
+    assert result.code == 0, result.err
+    assert "pairwise cosine:" in result.out and result.out.count("‖τ‖ = ") == 2
+
+
+def test_cli_merge_help_lists_what_each_method_accepts():
+    """Built from the registry: every method with exactly its parameters, and the example
+    given for --param is accepted by the method it names (``k=0.2`` was not)."""
+    from orthoreg import merging
+
+    text = run_cli(["merge", "--help"]).out
+    flat = " ".join(text.split())
+    example = re.search(r"e\.g\. --param (\w+)=(\S+) for (\w+)", flat)
+    assert example, flat
+    key, value, method = example.groups()
+    merging.get(method).resolve({key: yaml.safe_load(value)})
+    listing = text.split("accepts", 1)[1]
+    blocks = re.split(r"\n  (?=\S)", "\n" + listing.split("\n", 1)[1])
+    listed = {block.split()[0].rstrip(":"): set(re.findall(r"^\s+(\w+)=", block, re.M))
+              for block in blocks if block.strip()}
+    assert listed == {name: set(merging.get(name).defaults) for name in merging.available()}
 
 
 def test_apply_checks_everything_before_changing_the_model():
