@@ -45,6 +45,11 @@ class TrainSection:
     squared: bool = False
     estimator: str = "exact"
     probes: int = 8
+    #: the penalty form (orthoreg.regularizer.PENALTY_FORMS): paper | shape | growth
+    form: str = "paper"
+    #: which weights the penalty covers (orthoreg.regularizer.MATRIX_RULES): every ≥2-D
+    #: weight ("ndim>=2", conv kernels reshaped) or exactly 2-D ones ("2d", the authors' rule)
+    matrices: str = "ndim>=2"
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,10 @@ class SelectionConfig:
     lambdas: tuple[float, ...] = (1.0, 10.0)
     lr_multipliers: tuple[float, ...] = (1.0, 3.0)
     on_seed: str = "first"  # choose on the first seed, reuse for the others
+    #: further penalty forms, each a variant of its own with its own λ grid (as large as
+    #: the others: equal budgets); e.g. {shape: [0.01, 0.1], growth: [1, 10]}. The
+    #: variant "orthoreg" is always the paper's form with ``lambdas``.
+    forms: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,24 @@ class AlphaGrid:
 
 
 @dataclass(frozen=True)
+class MechanismConfig:
+    """What separates structure from magnitude (README, "What OrthoReg does, measured").
+
+    ``norm_matched``: task addition again after rescaling every task vector to the norm of
+    the baseline's vector of the same task, paradigm and seed, so a variant cannot win by
+    being longer. ``xi``: the disentanglement error ξ (Ortiz-Jiménez et al. 2023) of every
+    pair of task vectors on a ``xi_points``² grid over [−``xi_extent``, ``xi_extent``]² with
+    ``xi_examples`` validation inputs per task, raw and (with ``norm_matched``) rescaled.
+    """
+
+    norm_matched: bool = False
+    xi: bool = False
+    xi_points: int = 5
+    xi_extent: float = 1.0
+    xi_examples: int = 48
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "embedded"
     model: str = "mobilenet_v2"
@@ -98,6 +125,10 @@ class ExperimentConfig:
     alphas: AlphaGrid = field(default_factory=AlphaGrid)
     negation_thresholds: tuple[float, ...] = (0.95, 0.90, 0.80)
     merge: str = "task_arithmetic"
+    #: further merge methods whose task addition is reported for the chosen candidates
+    #: (selection always uses ``merge``); each is searched on its own reference α grid
+    merges: tuple[str, ...] = ()
+    mechanism: MechanismConfig = field(default_factory=MechanismConfig)
     seeds: tuple[int, ...] = (0,)
     device: str = "cpu"
 
@@ -160,9 +191,17 @@ _RANGES: dict[str, _Rule] = {
     "train.label_smoothing": _within(0, 1, "a number", high_open=True),
     "train.accumulation": _at_least(1), "train.probes": _at_least(1),
     "train.estimator": _one_of("exact", "hutchinson"),
+    "train.form": _one_of("paper", "shape", "growth"),
+    "train.matrices": _one_of("ndim>=2", "2d"),
     "selection.lambdas": _list_within(0, 1e4, "λ values", low_open=True),
     "selection.lr_multipliers": _list_within(0, 100, "multipliers", low_open=True),
     "selection.on_seed": _one_of("first", "each"),
+    "selection.forms": _Rule(lambda v: all(len(g) >= 1 and all(0 < x <= 1e4 for x in g)
+                                           for g in v.values()),
+                             "a mapping of form names to non-empty λ lists in (0, 10000]"),
+    "mechanism.xi_points": _within(2, 41, "an integer"),
+    "mechanism.xi_extent": _within(0, 10, "a number", low_open=True),
+    "mechanism.xi_examples": _at_least(1),
     "alphas.num": _within(1, 201, "an integer"),
     "alphas.start": _within(-10, 10, "a number"), "alphas.stop": _within(-10, 10, "a number"),
     "negation_thresholds": _list_within(0, 1, "fractions", low_open=True),
@@ -268,12 +307,33 @@ def from_mapping(raw: Mapping[str, Any] | None) -> ExperimentConfig:
             config.selection.lr_multipliers):
         raise ConfigError("config key 'selection.lr_multipliers': the baseline's grid must be "
                           "as large as the λ grid (equal tuning budgets)")
+    _check_forms(config)
     if config.train.batch_size > config.data.max_train:
         raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} is larger "
                           f"than data.max_train = {config.data.max_train} (one batch must fit "
                           "in the training split)")
     _check_names(config)
     return config
+
+
+def _check_forms(config: ExperimentConfig) -> None:
+    """Extra penalty forms: known, not the paper's own variant, and an equal tuning budget."""
+    from orthoreg.regularizer import PENALTY_FORMS
+
+    for form, grid in config.selection.forms.items():
+        key = f"selection.forms.{_printable(form)}"
+        if form not in PENALTY_FORMS or form == config.train.form:
+            extra = sorted(set(PENALTY_FORMS) - {config.train.form})
+            raise ConfigError(f"config key '{key}': unknown penalty form {form!r} (choose from "
+                              f"{', '.join(extra)}; train.form = {config.train.form!r} is the "
+                              "'orthoreg' variant, with selection.lambdas)")
+        if config.selection.on_seed == "first" and len(grid) != len(config.selection.lambdas):
+            raise ConfigError(f"config key '{key}': its λ grid must be as large as "
+                              "selection.lambdas (equal tuning budgets)")
+    from orthoreg.merging import available
+
+    for index, method in enumerate(config.merges):
+        _known(f"merges[{index}]", method, available(), "merge method")
 
 
 def _known(key: str, value: str, known: Any, what: str) -> None:

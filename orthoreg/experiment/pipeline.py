@@ -13,10 +13,12 @@ norms next to cosines so that "more orthogonal" can be told from "just bigger".
 from __future__ import annotations
 
 import copy
+import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,12 @@ from torch.utils.data import TensorDataset
 
 from orthoreg.errors import ConfigError
 from orthoreg.experiment.config import ExperimentConfig, ParadigmConfig
+from orthoreg.experiment.progress import StageClock
 from orthoreg.experiment.workspace import Workspace, stage_key
 from orthoreg.paradigms import Paradigm, get_paradigm
 from orthoreg.taskvector import TaskVector
 from orthoreg.training import TrainConfig, finetune
-from orthoreg.utils.io import atomic_write_json
+from orthoreg.utils.io import atomic_write_bytes, atomic_write_json
 from orthoreg.utils.provenance import provenance, seed_everything
 
 Log = Callable[[str], None]
@@ -56,24 +59,40 @@ class Task:
     test: TensorDataset
     classes: int
     splits: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    variant: str  # "baseline" | "orthoreg"
+    """One point of a variant's tuning grid: "baseline" (λ = 0), "orthoreg" (the penalty
+    form of ``train.form``, the paper's by default) or another form (``selection.forms``)."""
+
+    variant: str
     lr: float
     lam: float
+    form: str = "paper"
 
     @property
     def label(self) -> str:
         return f"{self.variant}(lr={self.lr:g}, λ={self.lam:g})"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The record of the candidate; the paper form is implied, so that the stage keys
+        of runs made before penalty forms existed stay valid."""
+        record = asdict(self)
+        if self.form == "paper":
+            del record["form"]
+        return record
+
 
 def candidates(config: ExperimentConfig, paradigm: str) -> list[Candidate]:
     base_lr = config.paradigms[paradigm].lr
     baseline = [Candidate("baseline", base_lr * m, 0.0) for m in config.selection.lr_multipliers]
-    ortho = [Candidate("orthoreg", base_lr, lam) for lam in config.selection.lambdas]
-    return baseline + ortho
+    ortho = [Candidate("orthoreg", base_lr, lam, config.train.form)
+             for lam in config.selection.lambdas]
+    forms = [Candidate(form, base_lr, lam, form)
+             for form, grid in config.selection.forms.items() for lam in grid]
+    return baseline + ortho + forms
 
 
 class Experiment:
@@ -87,6 +106,9 @@ class Experiment:
         self.progress = progress
         self.device = torch.device(config.device)
         self.timings: dict[str, float] = {}
+        self.clock = StageClock(log)
+        #: (paradigm, candidate, seed, task) -> the stage file of that task vector
+        self.vector_paths: dict[tuple[str, Candidate, int, str], Path] = {}
 
     # ------------------------------------------------------------------ setup
     def _load(self) -> None:
@@ -133,7 +155,7 @@ class Experiment:
             self.ws.finish(head_key, {"task": name})
         head = head.to(self.device).eval().requires_grad_(False)
         return Task(name, head, prepared.train, prepared.val, prepared.test,
-                    len(prepared.classes), dict(prepared.splits))
+                    len(prepared.classes), dict(prepared.splits), dict(prepared.info))
 
     # ------------------------------------------------------------------ stages
     def _train_config(self, candidate: Candidate, seed: int) -> TrainConfig:
@@ -143,8 +165,17 @@ class Experiment:
                            grad_clip=t.grad_clip, accumulation=t.accumulation,
                            label_smoothing=t.label_smoothing, lam=candidate.lam,
                            squared=t.squared, estimator=t.estimator, probes=t.probes,
+                           form=candidate.form, matrices=t.matrices,
                            seed=seed, checkpoint_every=max(10, t.steps // 4),
                            log_every=max(1, t.steps // 10), progress=self.progress)
+
+    def _finetune_key(self, paradigm: str, candidate: Candidate, seed: int, task: str) -> str:
+        train_cfg = self._train_config(candidate, seed)
+        return stage_key("finetune", {
+            "model": self.config.model, "task": task, "paradigm": paradigm,
+            "paradigm_options": asdict(self.config.paradigms[paradigm]),
+            "train": train_cfg.resume_key(), "data": asdict(self.config.data),
+            "splits": self.tasks[task].splits})
 
     def finetune(self, paradigm: str, candidate: Candidate, seed: int,
                  task: str) -> tuple[TaskVector, dict[str, Any]]:
@@ -153,16 +184,14 @@ class Experiment:
 
         pcfg = self.config.paradigms[paradigm]
         train_cfg = self._train_config(candidate, seed)
-        spec = {"model": self.config.model, "task": task, "paradigm": paradigm,
-                "paradigm_options": asdict(pcfg), "train": train_cfg.resume_key(),
-                "data": asdict(self.config.data), "splits": self.tasks[task].splits}
-        key = stage_key("finetune", spec)
+        key = self._finetune_key(paradigm, candidate, seed, task)
         folder = self.ws.stage_dir(key)
         vector_path = folder / "vector.safetensors"
+        self.vector_paths[(paradigm, candidate, seed, task)] = vector_path
         record = self.ws.done(key)
         if record is not None and vector_path.is_file():
             return TaskVector.load(vector_path, device=self.device), record
-        self.log(f"  fine-tune {paradigm:7s} {candidate.label:32s} seed={seed} task={task}")
+        self.clock.start(f"fine-tune {paradigm:7s} {candidate.label:32s} seed={seed} task={task}")
         seed_everything(seed)
         model = PARADIGM_BUILDERS[paradigm](pcfg).prepare(copy.deepcopy(self.backbone))
         model.to(self.device)
@@ -171,18 +200,21 @@ class Experiment:
         model.eval()
         vector = model.task_vector({
             "task": task, "lambda": candidate.lam, "lr": candidate.lr, "seed": seed,
+            "form": candidate.form,
             "squared": train_cfg.squared, "steps": train_cfg.steps, "model": self.config.model,
             **provenance(seed),
         })
         vector.save(vector_path)
         record = {
-            "task": task, "paradigm": paradigm, "candidate": asdict(candidate), "seed": seed,
+            "task": task, "paradigm": paradigm, "candidate": candidate.to_dict(), "seed": seed,
             "val_acc": accuracy(model, data.head, data.val),
             "test_acc": accuracy(model, data.head, data.test),
             "train_seconds": result.seconds, "final": result.final,
             "penalty_final": result.final.get("penalty"),
+            "regime": regime_series(result.regime),
         }
         (folder / "checkpoint.safetensors").unlink(missing_ok=True)  # the vector supersedes it
+        self.clock.finish()
         return vector, self.ws.finish(key, record)
 
     def vectors(self, paradigm: str, candidate: Candidate,
@@ -192,27 +224,54 @@ class Experiment:
             vectors[task], records[task] = self.finetune(paradigm, candidate, seed, task)
         return vectors, records
 
-    def addition(self, paradigm: str, candidate: Candidate, seed: int) -> dict[str, Any]:
-        from orthoreg.evaluation import TaskEval, addition
+    def _spec(self, paradigm: str) -> list[Any]:
+        return [self.config.model, asdict(self.config.data), asdict(self.config.train),
+                asdict(self.config.paradigms[paradigm])]
 
-        vectors, records = self.vectors(paradigm, candidate, seed)
-        key = stage_key("addition", {
-            "vectors": {t: records[t]["candidate"] | {"seed": seed, "paradigm": paradigm,
-                                                      "acc": records[t]["val_acc"]}
-                        for t in vectors},
-            "alphas": self.config.alphas.values(), "merge": self.config.merge,
-            "spec": [self.config.model, asdict(self.config.data), asdict(self.config.train),
-                     asdict(self.config.paradigms[paradigm])],
-        })
+    def _cached_search(self, key: str, label: str, compute: Callable[[], Any]) -> dict[str, Any]:
+        """A cached search stage, announced with its duration (searches have no step bar)."""
         cached = self.ws.done(key)
         if cached is not None:
             return cached
+        started = time.perf_counter()
+        self.log(f"  {label} …")
+        result = compute()
+        self.log(f"  {label}: {time.perf_counter() - started:.1f} s")
+        return self.ws.finish(key, result)
+
+    def addition(self, paradigm: str, candidate: Candidate, seed: int,
+                 merge: str | None = None, scale_to: dict[str, float] | None = None
+                 ) -> dict[str, Any]:
+        """Task addition of the candidate's vectors (α on validation, DESIGN.md §2).
+
+        ``merge`` other than the configured one is searched on that method's reference
+        α grid; ``scale_to`` rescales each task's vector to the given norm first (the
+        norm-matched comparison).
+        """
+        from orthoreg.evaluation import TaskEval, addition
+
+        vectors, records = self.vectors(paradigm, candidate, seed)
+        merge = merge or self.config.merge
+        alphas = (self.config.alphas.values() if merge == self.config.merge
+                  else merge_alphas(merge, self.config.alphas.values()))
+        spec: dict[str, Any] = {
+            "vectors": {t: records[t]["candidate"] | {"seed": seed, "paradigm": paradigm,
+                                                      "acc": records[t]["val_acc"]}
+                        for t in vectors},
+            "alphas": alphas, "merge": merge, "spec": self._spec(paradigm),
+        }
+        if scale_to is not None:
+            spec["scale_to"] = scale_to
+            vectors = rescaled(vectors, scale_to)
         evals = {t: TaskEval(t, self.tasks[t].head, self.tasks[t].val, self.tasks[t].test)
                  for t in vectors}
         finetuned = {t: {"val": r["val_acc"], "test": r["test_acc"]} for t, r in records.items()}
-        result = addition(self.backbone, evals, vectors, finetuned,
-                          alphas=self.config.alphas.values(), merge=self.config.merge)
-        return self.ws.finish(key, result.to_dict())
+        what = "norm-matched " if scale_to is not None else ""
+        return self._cached_search(
+            stage_key("addition", spec),
+            f"{what}addition ({merge}) {paradigm} {candidate.label} seed={seed}",
+            lambda: addition(self.backbone, evals, vectors, finetuned, alphas=alphas,
+                             merge=merge).to_dict())
 
     def negation(self, paradigm: str, candidate: Candidate, seed: int) -> dict[str, Any]:
         from orthoreg.evaluation import TaskEval, negation
@@ -228,18 +287,47 @@ class Experiment:
                                                         "acc": records[task]["val_acc"]},
                 "control": self.control_name, "alphas": self.config.alphas.values(),
                 "thresholds": self.config.negation_thresholds,
-                "spec": [self.config.model, asdict(self.config.data), asdict(self.config.train),
-                         asdict(self.config.paradigms[paradigm])],
+                "spec": self._spec(paradigm),
             })
-            cached = self.ws.done(key)
-            if cached is None:
-                t = self.tasks[task]
-                result = negation(self.backbone, TaskEval(task, t.head, t.val, t.test),
-                                  control_eval, vector, alphas=self.config.alphas.values(),
-                                  thresholds=self.config.negation_thresholds)
-                cached = self.ws.finish(key, result.to_dict())
-            out[task] = cached
+            t = self.tasks[task]
+            out[task] = self._cached_search(
+                key, f"negation {paradigm} {candidate.label} seed={seed} task={task}",
+                lambda t=t, task=task, vector=vector: negation(
+                    self.backbone, TaskEval(task, t.head, t.val, t.test), control_eval, vector,
+                    alphas=self.config.alphas.values(),
+                    thresholds=self.config.negation_thresholds).to_dict())
         return out
+
+    def disentanglement(self, paradigm: str, candidate: Candidate, seed: int,
+                        scale_to: dict[str, float] | None = None) -> dict[str, Any]:
+        """ξ of every pair of the candidate's task vectors (mean over the unit disk)."""
+        from orthoreg.diagnostics import TaskProbe, alpha_grid, disentanglement_error
+
+        mech = self.config.mechanism
+        vectors, records = self.vectors(paradigm, candidate, seed)
+        if scale_to is not None:
+            vectors = rescaled(vectors, scale_to)
+        grid = alpha_grid(mech.xi_points, mech.xi_extent)
+        spec = {"vectors": {t: records[t]["candidate"] | {"seed": seed, "paradigm": paradigm,
+                                                          "acc": records[t]["val_acc"]}
+                            for t in vectors},
+                "grid": grid, "examples": mech.xi_examples, "scale_to": scale_to,
+                "spec": self._spec(paradigm)}
+
+        def compute() -> dict[str, Any]:
+            pairs = {}
+            for a, b in itertools.combinations(list(vectors), 2):
+                probes = [TaskProbe(t, self.tasks[t].head, self.tasks[t].val) for t in (a, b)]
+                xi_map = disentanglement_error(self.backbone, probes, [vectors[a], vectors[b]],
+                                               alphas=grid, max_examples=mech.xi_examples,
+                                               seed=seed)
+                pairs[f"{a}+{b}"] = xi_map.disk_mean()
+            return {"pairs": pairs, "mean": _mean(pairs.values()), "grid": grid,
+                    "examples": mech.xi_examples, "split": "val"}
+
+        what = "norm-matched " if scale_to is not None else ""
+        return self._cached_search(stage_key("xi", spec),
+                                   f"{what}ξ {paradigm} {candidate.label} seed={seed}", compute)
 
     # ------------------------------------------------------------------ selection
     def select(self, paradigm: str, seed: int) -> dict[str, dict[str, Any]]:
@@ -264,12 +352,30 @@ class Experiment:
                        "test": accuracy(self.backbone, t.head, t.test)}
                 for name, t in self.tasks.items()}
 
+    def planned_finetunes(self) -> list[tuple[str, Candidate, int, str]]:
+        """Every fine-tune the run can need: all candidates on the selecting seed(s), and
+        as many per further seed as there are variants (an upper bound for the estimate)."""
+        seeds = list(self.config.seeds)
+        each = self.config.selection.on_seed == "each"
+        plan = []
+        for paradigm in self.config.paradigms:
+            grid = candidates(self.config, paradigm)
+            variants = list(dict.fromkeys(c.variant for c in grid))
+            for seed in seeds:
+                chosen = grid if each or seed == seeds[0] else [
+                    next(c for c in grid if c.variant == v) for v in variants]
+                plan += [(paradigm, c, seed, t) for c in chosen for t in self.config.tasks]
+        return plan
+
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
         with self.ws:
             atomic_write_json(self.ws.root / "config.json",
                               {"config": self.config.to_dict(), **provenance()})
             self._load()
+            plan = self.planned_finetunes()
+            cached = sum(self.ws.done(self._finetune_key(*p)) is not None for p in plan)
+            self.clock.plan(len(plan), cached)
             pre = self.pretrained()
             runs, selections = [], {}
             seeds = list(self.config.seeds)
@@ -277,18 +383,23 @@ class Experiment:
                 self.log(f"[{paradigm}]")
                 chosen = self.select(paradigm, seeds[0])
                 selections[paradigm] = {v: {"lr": c["candidate"].lr, "lambda": c["candidate"].lam,
-                                            "grid": c["grid"]} for v, c in chosen.items()}
+                                            "form": c["candidate"].form, "grid": c["grid"]}
+                                        for v, c in chosen.items()}
                 for seed in seeds:
                     if self.config.selection.on_seed == "each" and seed != seeds[0]:
                         chosen = self.select(paradigm, seed)
+                    reference = self._reference_norms(paradigm, chosen, seed)
                     for variant, choice in chosen.items():
                         runs.append(self._run_record(paradigm, variant, choice["candidate"],
-                                                     seed, pre))
+                                                     seed, pre, reference))
+            links = link_vectors(self.ws.root, runs, seeds[0])
             results = {
                 "name": self.config.name, "model": self.config.model,
+                "family": self.family.name,
                 "tasks": list(self.config.tasks), "control": self.control_name,
-                "pretrained": pre, "selection": selections, "runs": runs,
-                "summary": summarize(runs),
+                "pretrained": pre, "data_info": self.data_info(),
+                "selection": selections, "runs": runs,
+                "summary": summarize(runs), "vectors_index": links,
                 "timings": {**self.timings, "total": time.perf_counter() - started},
                 "config": self.config.to_dict(), **provenance(),
             }
@@ -298,8 +409,22 @@ class Experiment:
             write_report(self.ws.root, results)
         return results
 
+    def data_info(self) -> dict[str, Any]:
+        """What the family reported about each task's data (e.g. truncated texts)."""
+        return {name: task.info for name, task in self.tasks.items() if task.info}
+
+    def _reference_norms(self, paradigm: str, chosen: dict[str, dict[str, Any]],
+                         seed: int) -> dict[str, float] | None:
+        """Per task, ‖τ‖ of the baseline's chosen vector: the norm every variant is rescaled
+        to in the norm-matched comparison (None when that comparison is off)."""
+        if not self.config.mechanism.norm_matched or "baseline" not in chosen:
+            return None
+        vectors, _ = self.vectors(paradigm, chosen["baseline"]["candidate"], seed)
+        return {t: vectors[t].norm() for t in vectors}
+
     def _run_record(self, paradigm: str, variant: str, candidate: Candidate, seed: int,
-                    pre: dict[str, dict[str, float]]) -> dict[str, Any]:
+                    pre: dict[str, dict[str, float]],
+                    reference: dict[str, float] | None = None) -> dict[str, Any]:
         vectors, records = self.vectors(paradigm, candidate, seed)
         add = self.addition(paradigm, candidate, seed)
         neg = self.negation(paradigm, candidate, seed)
@@ -308,9 +433,9 @@ class Experiment:
         off = [cosines[i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j]
         headline = self.config.negation_thresholds[0]
         negation_rows = {t: _threshold_row(neg[t], headline) for t in tasks}
-        return {
+        record = {
             "model": self.config.model, "paradigm": paradigm, "variant": variant,
-            "lambda": candidate.lam, "lr": candidate.lr, "seed": seed,
+            "form": candidate.form, "lambda": candidate.lam, "lr": candidate.lr, "seed": seed,
             "pretrained_acc": _mean(pre[t]["test"] for t in tasks),
             "finetuned_acc": _mean(records[t]["test_acc"] for t in tasks),
             "finetuned_per_task": {t: records[t]["test_acc"] for t in tasks},
@@ -323,7 +448,100 @@ class Experiment:
             "cosine_mean": _mean(off) if off else 0.0, "cosine_matrix": cosines,
             "vector_norms": {t: vectors[t].norm() for t in tasks},
             "penalty_final": {t: records[t].get("penalty_final") for t in tasks},
+            "vectors": {t: self._relative(self.vector_paths[(paradigm, candidate, seed, t)])
+                        for t in tasks},
         }
+        regime = {t: records[t]["regime"] for t in tasks if records[t].get("regime")}
+        if regime:
+            record["regime"] = regime
+        merges = [m for m in self.config.merges if m != self.config.merge]
+        if merges:
+            record["merges"] = {m: _addition_row(self.addition(paradigm, candidate, seed, m))
+                                for m in merges}
+        mech = self.config.mechanism
+        if mech.xi:
+            record["xi"] = self.disentanglement(paradigm, candidate, seed)
+        if reference is not None:
+            matched = {"scale": {t: reference[t] / max(vectors[t].norm(), 1e-30) for t in tasks},
+                       "addition": _addition_row(self.addition(paradigm, candidate, seed,
+                                                               scale_to=reference))}
+            if mech.xi:
+                matched["xi"] = self.disentanglement(paradigm, candidate, seed, reference)
+            record["norm_matched"] = matched
+        return record
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.ws.root).as_posix()
+
+
+def regime_series(regime: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Per logged step, the spread of ΔW's spectra over the penalised matrices: the largest
+    σ_max, the median over matrices of σ_max and of the median σ, the mean R/√n and the
+    total ‖ΔW‖_F — what says whether the penalty left its small-ΔW regime (σ ≪ 1)."""
+    if not regime:
+        return None
+    series = []
+    for entry in regime:
+        mats = list(entry["matrices"].values())
+        if not mats:
+            continue
+        series.append({
+            "step": entry["step"],
+            "sigma_max": max(m["sigma_max"] for m in mats),
+            "sigma_max_median": statistics.median(m["sigma_max"] for m in mats),
+            "sigma_median_median": statistics.median(m["sigma_median"] for m in mats),
+            "r_over_sqrt_n": statistics.fmean(m["r_over_sqrt_n"] for m in mats),
+            "fro": sum(m["fro"] ** 2 for m in mats) ** 0.5,
+        })
+    return series
+
+
+def merge_alphas(method: str, fallback: list[float]) -> list[float]:
+    """The merge method's reference α grid (registry metadata), else ``fallback``."""
+    from orthoreg import merging
+
+    default_alphas = getattr(merging, "default_alphas", None)
+    return list(default_alphas(method)) if default_alphas is not None else list(fallback)
+
+
+def rescaled(vectors: dict[str, TaskVector], norms: dict[str, float]) -> dict[str, TaskVector]:
+    """Each task's vector scaled to the given norm (the norm-matched comparison)."""
+    out = {}
+    for task, vector in vectors.items():
+        norm = vector.norm()
+        if not norm > 0:
+            raise ValueError(f"task {task!r}: a zero task vector cannot be rescaled")
+        out[task] = vector * (norms[task] / norm)
+    return out
+
+
+def link_vectors(root: Path, runs: list[dict[str, Any]], first_seed: int) -> dict[str, str]:
+    """Readable links to the task vectors: ``vectors/<paradigm>/<variant>/<task>.safetensors``
+    for the first seed, ``…/<variant>/seed<k>/<task>.safetensors`` for the others; each a
+    relative symlink to the cached stage file (a copy where links are not supported).
+    Returns link → target, both relative to ``root``."""
+    index = {}
+    for run in runs:
+        folder = root / "vectors" / run["paradigm"] / run["variant"]
+        if run["seed"] != first_seed:
+            folder = folder / f"seed{run['seed']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for task, target in run["vectors"].items():
+            link = folder / f"{task}.safetensors"
+            relative = os.path.relpath(root / target, folder)
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            try:
+                link.symlink_to(relative)
+            except OSError:  # e.g. a filesystem without symlinks
+                atomic_write_bytes(link, (root / target).read_bytes())
+            index[link.relative_to(root).as_posix()] = target
+    return index
+
+
+def _addition_row(result: dict[str, Any]) -> dict[str, Any]:
+    return {"merge": result.get("merge"), "alpha": result["alpha"], "abs": result["test_abs"],
+            "norm": result["test_norm"], "val_abs": result["val_abs"]}
 
 
 def _threshold_row(negation: dict[str, Any], threshold: float) -> dict[str, Any]:
@@ -354,13 +572,27 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "negation_control": lambda r: r["negation"]["control"],
         "cosine_mean": lambda r: r["cosine_mean"],
         "vector_norm": lambda r: _mean(r["vector_norms"].values()),
+        "xi": lambda r: r["xi"]["mean"],
+        "matched_addition_abs": lambda r: r["norm_matched"]["addition"]["abs"],
+        "matched_addition_norm": lambda r: r["norm_matched"]["addition"]["norm"],
+        "matched_xi": lambda r: r["norm_matched"]["xi"]["mean"],
+        "sigma_max_final": lambda r: _mean(s[-1]["sigma_max"] for s in r["regime"].values()),
+        "r_over_sqrt_n_final": lambda r: _mean(s[-1]["r_over_sqrt_n"]
+                                               for s in r["regime"].values()),
     }
+    for method in sorted({m for run in runs for m in run.get("merges", {})}):
+        metrics[f"{method}_abs"] = lambda r, m=method: r["merges"][m]["abs"]
+        metrics[f"{method}_norm"] = lambda r, m=method: r["merges"][m]["norm"]
     rows = []
     for (paradigm, variant), group in groups.items():
         row: dict[str, Any] = {"paradigm": paradigm, "variant": variant, "seeds": len(group),
+                               "form": group[0].get("form", "paper"),
                                "lambda": group[0]["lambda"], "lr": group[0]["lr"]}
         for name, get in metrics.items():
-            values = [float(get(r)) for r in group]
+            try:
+                values = [float(get(r)) for r in group]
+            except (KeyError, TypeError, IndexError):  # a measurement this run did not make
+                continue
             row[name] = statistics.fmean(values)
             row[name + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from orthoreg.zoo.splits import balanced_take
 from orthoreg.zoo.vision import datasets
 from orthoreg.zoo.vision.datasets import (
     CONTROL_TASK,
@@ -21,7 +22,6 @@ from orthoreg.zoo.vision.datasets import (
     safe_unpickle,
     task_datasets,
 )
-from orthoreg.zoo.splits import balanced_take
 from orthoreg.zoo.vision.models import IMAGENET_MEAN, IMAGENET_STD
 
 ASSET_TASKS = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "animal_mnist": "animal_mnist"}
