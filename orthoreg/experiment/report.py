@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from orthoreg.experiment.mechanism import mechanism_section
 from orthoreg.utils.io import atomic_write_bytes, atomic_write_text
 
 
@@ -33,13 +34,14 @@ def summary_table(results: dict[str, Any]) -> str:
 
 
 def verdicts(results: dict[str, Any]) -> list[str]:
-    """One plain sentence per paradigm: did OrthoReg beat the equally tuned baseline?"""
+    """One plain sentence per paradigm and variant: did it beat the equally tuned baseline?"""
     by = {(r["paradigm"], r["variant"]): r for r in results["summary"]}
     out = []
-    for paradigm in dict.fromkeys(r["paradigm"] for r in results["summary"]):
-        base, ortho = by.get((paradigm, "baseline")), by.get((paradigm, "orthoreg"))
-        if not base or not ortho:
+    for paradigm, variant in by:
+        base, ortho = by.get((paradigm, "baseline")), by[(paradigm, variant)]
+        if not base or variant == "baseline":
             continue
+        name = "OrthoReg" if variant == "orthoreg" else f"the {variant} form"
         diff = (ortho["addition_abs"] - base["addition_abs"]) * 100
         spread = max(base["addition_abs_std"], ortho["addition_abs_std"]) * 100
         if abs(diff) < 0.05:
@@ -47,11 +49,12 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         elif ortho["seeds"] > 1 and abs(diff) <= spread:
             word = "no clear difference (within the seed spread)"
         else:
-            word = "OrthoReg better" if diff > 0 else "OrthoReg worse"
+            word = f"{name} better" if diff > 0 else f"{name} worse"
             if ortho["seeds"] == 1:
                 word += "; one seed, so the size of the noise is unknown"
+        label = paradigm if variant == "orthoreg" else f"{paradigm} / {variant}"
         out.append(
-            f"- **{paradigm}**: task addition {base['addition_abs'] * 100:.1f} → "
+            f"- **{label}**: task addition {base['addition_abs'] * 100:.1f} → "
             f"{ortho['addition_abs'] * 100:.1f} ({diff:+.1f} points; {word}); normalized "
             f"{base['addition_norm'] * 100:.1f} → {ortho['addition_norm'] * 100:.1f}; "
             f"negation target {base['negation_target'] * 100:.1f} → "
@@ -304,6 +307,7 @@ def write_report(out: str | Path, results: dict[str, Any]) -> Path:
                              for g in choice["grid"])
             lines.append(f"- {paradigm} / {variant}: {grid} → chose lr={choice['lr']:.2g}, "
                          f"λ={choice['lambda']:g}")
+    lines += ["", *mechanism_section(out, results, _save_png)]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
