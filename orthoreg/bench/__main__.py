@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from orthoreg.bench import penalty, search
+from orthoreg.errors import OrthoRegError
 from orthoreg.utils.allocator import tune_allocator
+from orthoreg.utils.threads import configure_process
 
-BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {"search": search.main,
-                                                                  "penalty": penalty.main}
+
+def _lazy(module: str) -> Callable[[Sequence[str] | None], int]:
+    """``module.main``, imported when called: the benchmarks load torch, and the thread
+    settings must be in place before torch starts (orthoreg.utils.threads)."""
+
+    def run(argv: Sequence[str] | None) -> int:
+        return int(importlib.import_module(module).main(argv) or 0)
+
+    run.__name__ = run.__qualname__ = f"{module}.main"
+    return run
+
+
+BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    name: _lazy(f"orthoreg.bench.{name}") for name in ("search", "penalty", "load")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,7 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: python -m orthoreg.bench {{{','.join(sorted(BENCHMARKS))}}} [options]",
               file=sys.stderr)
         return 2
-    tune_allocator()  # as the ``orthoreg`` command does, so both entry points time the same
+    try:  # as the ``orthoreg`` command does, so both entry points time the same
+        configure_process()
+    except OrthoRegError as exc:
+        print(f"python -m orthoreg.bench: error: {exc}", file=sys.stderr)
+        return 2
+    tune_allocator()
     return BENCHMARKS[args[0]](args[1:])
 
 

@@ -10,6 +10,7 @@ import traceback
 from orthoreg.cli.registry import COMMANDS, UsageError
 from orthoreg.errors import OrthoRegError
 from orthoreg.utils.allocator import tune_allocator
+from orthoreg.utils.threads import configure_process
 
 #: modules that register subcommands (imported lazily so `orthoreg --help` stays fast)
 COMMAND_MODULES = ("orthoreg.cli.commands",)
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # first, before anything loads torch: libgomp reads its wait policy once, at load, and
+    # its default spinning is what slowed the quick demo 48 → 668 s beside one busy process
+    # (utils.threads; `import orthoreg.cli` itself does not load torch)
+    try:
+        configure_process()
+    except OrthoRegError as exc:
+        print(f"orthoreg: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad arguments
     tune_allocator()  # CPU loops re-fault freed activation pages otherwise (utils.allocator)

@@ -1,4 +1,4 @@
-"""What every result file records: config, versions, seed and git commit."""
+"""What every result file records: config, versions, seed, git commit and torch threads."""
 
 from __future__ import annotations
 
@@ -66,8 +66,13 @@ def versions() -> dict[str, str]:
 
 
 def provenance(seed: int | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A record to embed in every result and checkpoint file."""
-    record: dict[str, Any] = {"versions": versions(), "git_commit": git_commit()}
+    """A record to embed in every result and checkpoint file.
+
+    ``torch_threads``: float reductions are split by the intra-op thread count, so results
+    are bit-identical only between runs with the same count (orthoreg.utils.threads).
+    """
+    record: dict[str, Any] = {"versions": versions(), "git_commit": git_commit(),
+                              "torch_threads": torch.get_num_threads()}
     if seed is not None:
         record["seed"] = seed
     if config is not None:
