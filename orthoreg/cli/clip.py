@@ -192,3 +192,144 @@ def evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in result.items() if k in ("alpha", "test_abs",
                                                                      "test_norm")}))
     return 0
+
+
+# ------------------------------------------------------------------------------- clip …
+def _parse_assignments(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _configure_reproduce(p: argparse.ArgumentParser) -> None:
+    from orthoreg.clip.templates import CONTROL_TASK, PAPER_TASKS
+
+    p.add_argument("--data-root", required=True, metavar="DIR",
+                   help="folder holding <Task>/{train,test}/<class>/<images> (docs/CLIP.md §3)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the one output directory (rerun the same command to resume)")
+    p.add_argument("--models", type=lambda t: [v for v in t.split(",") if v],
+                   default=["ViT-B-32"],
+                   help="comma-separated: ViT-B-32 (default), ViT-B-16, ViT-L-14 (OpenAI "
+                        "weights, QuickGELU), or paths to open_clip .json configs")
+    p.add_argument("--b16", action="store_true", help="add ViT-B-16")
+    p.add_argument("--l14", action="store_true", help="add ViT-L-14")
+    p.add_argument("--weights-dir", default="weights", metavar="DIR",
+                   help="where <model>-openai.safetensors are (default ./weights; "
+                        "scripts/clip_download_weights.py writes them)")
+    p.add_argument("--weights", action="append", type=_parse_assignments, default=[],
+                   metavar="MODEL=PATH", help="a weights file for one model (repeatable)")
+    p.add_argument("--tasks", type=lambda t: [v for v in t.split(",") if v],
+                   default=list(PAPER_TASKS), help="comma-separated (default: the 8 tasks)")
+    p.add_argument("--paradigms", type=lambda t: [v for v in t.split(",") if v],
+                   default=list(PARADIGM_CHOICES), help="comma-separated (default: all four)")
+    p.add_argument("--lam", action="append", type=_parse_assignments, default=[],
+                   metavar="PARADIGM=VALUE",
+                   help="OrthoReg λ for a paradigm (default: the authors' full 10, LoRA 1; "
+                        "linear and partial have no published value and take 10, marked "
+                        "assumed)")
+    p.add_argument("--control", default=CONTROL_TASK, help="negation control (default ImageNet)")
+    p.add_argument("--no-negation", action="store_true", help="addition only")
+    p.add_argument("--merge", default="task_arithmetic", help="addition merge method")
+    p.add_argument("--alphas", type=_parse_floats,
+                   help="coefficient grid for addition and negation (default: each "
+                        "protocol's and merge method's own)")
+    p.add_argument("--steps", type=int, help="override the recipe's steps per task")
+    p.add_argument("--epochs", type=float, help="override the recipe's epochs per task")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rates")
+    p.add_argument("--warmup-steps", type=int, help="override the recipe's 500")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--augment", choices=("random-resized-crop", "none"),
+                   default="random-resized-crop")
+    p.add_argument("--cache", metavar="DIR")
+    p.add_argument("--device")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--measure-steps", type=int, default=5,
+                   help="timed steps per paradigm for the GPU-hours estimate (0: no estimate)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the estimate and what is missing, then stop")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from orthoreg.clip.model import require_open_clip
+
+    require_open_clip()
+    from orthoreg.clip.paper import PAPER_LAMBDAS
+    from orthoreg.clip.reproduce import ReproducePlan, reproduce, resolve_models
+
+    models = list(dict.fromkeys([*args.models, *(["ViT-B-16"] if args.b16 else []),
+                                 *(["ViT-L-14"] if args.l14 else [])]))
+    unknown = [p for p in args.paradigms if p not in PARADIGM_CHOICES]
+    if unknown:
+        raise UsageError(f"--paradigms: unknown paradigm {unknown[0]!r}; choose from "
+                         f"{', '.join(PARADIGM_CHOICES)}")
+    lambdas = {p: v.value for p, v in PAPER_LAMBDAS.items()}
+    for paradigm, value in args.lam:
+        if paradigm not in lambdas:
+            raise UsageError(f"--lam: unknown paradigm {paradigm!r}")
+        try:
+            lambdas[paradigm] = float(value)
+        except ValueError:
+            raise UsageError(f"--lam {paradigm}: not a number: {value!r}") from None
+        if lambdas[paradigm] <= 0:
+            raise UsageError(f"--lam {paradigm} must be > 0 (λ = 0 always runs as the baseline)")
+    for name in ("steps", "batch_size", "eval_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    plan = ReproducePlan(
+        out=args.out, data_root=args.data_root,
+        models=resolve_models(models, args.weights_dir, dict(args.weights)),
+        tasks=tuple(args.tasks), paradigms=tuple(args.paradigms), lambdas=lambdas,
+        control=args.control, negation=not args.no_negation, merge=args.merge,
+        alphas=tuple(args.alphas) if args.alphas else None, steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, seed=args.seed,
+        precision=args.precision, augment=args.augment, cache=args.cache, device=args.device,
+        workers=args.workers, eval_batch_size=args.eval_batch_size,
+        progress=not args.no_progress)
+    try:
+        reproduce(plan, measure_steps=args.measure_steps, plan_only=args.plan_only)
+    except ValueError as exc:  # recipe/length problems are the user's to fix
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    from orthoreg.clip.gpucheck import main as gpu_check_main
+
+    return gpu_check_main(args.gpu_check_args)
+
+
+#: `orthoreg clip ACTION` → (help, configure, run)
+CLIP_ACTIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                              Callable[[argparse.Namespace], int]]] = {
+    "reproduce": ("the paper's CLIP table end to end in one resumable directory: fine-tune "
+                  "4 paradigms × {λ = 0, the authors' λ} × 8 tasks, addition, negation, the "
+                  "paper's numbers beside ours", _configure_reproduce, _reproduce),
+    "gpu-check": ("scripts/gpu_check.sh: the recipe on this GPU with a random-init ViT "
+                  "(no weights, no data); one JSON line",
+                  lambda p: p.add_argument("gpu_check_args", nargs=argparse.REMAINDER,
+                                           help="arguments of gpu_check (--dry-run, --steps …)"),
+                  _gpu_check),
+}
+
+
+def _configure_clip(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="clip_action", metavar="ACTION")
+    sub.required = True
+    for name, (help_text, configure, run) in CLIP_ACTIONS.items():
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        configure(child)
+        child.set_defaults(_clip_run=run)
+
+
+@command("clip", "the CLIP recipe's harness: `clip reproduce` (the paper's table), "
+         "`clip gpu-check`", _configure_clip)
+def clip(args: argparse.Namespace) -> int:
+    return int(args._clip_run(args))

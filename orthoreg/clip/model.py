@@ -197,7 +197,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return state
 
 
-def _no_text_download(open_clip: Any) -> dict[str, bool]:
+def no_text_download(open_clip: Any) -> dict[str, bool]:
     """Keep configs with a Hugging Face text tower from fetching its weights (offline).
 
     open_clip 3 calls the flag ``pretrained_text``; 2.x called it ``pretrained_hf``.
@@ -222,7 +222,7 @@ def load_clip(name: str, weights: str | os.PathLike[str], quick_gelu: bool = Fal
     logging.disable(logging.WARNING)
     try:
         model = open_clip.create_model(config_name, pretrained=None,
-                                       force_quick_gelu=quick_gelu, **_no_text_download(open_clip))
+                                       force_quick_gelu=quick_gelu, **no_text_download(open_clip))
     finally:
         logging.disable(previous)
     if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
