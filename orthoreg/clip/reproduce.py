@@ -178,10 +178,12 @@ def missing_inputs(plan: ReproducePlan) -> list[Missing]:
     missing = []
     for model in plan.models:
         if not Path(model.weights).is_file():
-            missing.append(Missing(
-                "weights", model.key, model.weights,
-                f"on a machine with internet: python scripts/clip_download_weights.py "
-                f"--model {model.key} --out {Path(model.weights).parent} (docs/CLIP.md §2)"))
+            how = (f"on a machine with internet: python scripts/clip_download_weights.py "
+                   f"--model {model.key} --out {Path(model.weights).parent} (docs/CLIP.md §2)"
+                   if model.key in MODEL_PRESETS else
+                   f"a local open_clip checkpoint of {model.config}, passed as --weights "
+                   f"{model.key}=PATH (docs/CLIP.md §2)")
+            missing.append(Missing("weights", model.key, model.weights, how))
     tasks = [*plan.tasks, *([plan.control] if plan.negation else [])]
     for task in tasks:
         how = (f"python scripts/clip_download_datasets.py --tasks {task} --root "
