@@ -36,11 +36,76 @@ def builtin_config(name: str) -> Path:
     return Path(str(path))
 
 
+#: built-in configs whose quick variant predates the ``<name>.quick.yaml`` convention
+QUICK_ALIASES = {"embedded": "quick"}
+
+
+def resolve_config(name_or_path: str | None) -> Path:
+    """``--config``: a YAML path, or the name of a built-in config (``embedded``, ``text``)."""
+    if name_or_path is None:
+        return builtin_config("embedded")
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path  # a path (load_config names it if it is missing)
+    builtin = builtin_config(name_or_path)
+    if builtin.is_file():
+        return builtin
+    known = sorted(p.stem for p in builtin.parent.glob("*.yaml") if "." not in p.stem)
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in config "
+                      f"(built-in: {', '.join(known)})")
+
+
+def quick_variant(path: Path) -> Path:
+    """The reduced CI version of config ``path``: ``<stem>.quick.yaml`` beside it.
+
+    Its keys are merged over the full config (mappings key by key, everything else
+    replaced), so a quick file holds only what it reduces and follows the full config
+    otherwise. (``embedded``'s is ``quick.yaml``, a complete config, which merges the same.)
+    """
+    alias = QUICK_ALIASES.get(path.stem)
+    candidates = [path.with_name(f"{path.stem}.quick.yaml")]
+    if alias is not None and path.parent == builtin_config(path.stem).parent:
+        candidates.append(path.with_name(f"{alias}.yaml"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"--quick: config {path} has no quick variant (create "
+                     f"{candidates[0].name} beside it with the keys to reduce)")
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping; unreadable or malformed files are one-line errors."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (is it a YAML config?)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping at the top level")
+    return raw
+
+
+def merge_config(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``: nested mappings merge key by key, other values replace."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _configure_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (default: the built-in embedded benchmark)")
+    p.add_argument("--config", help="a built-in config name (embedded, text) or a YAML path "
+                   "(default: the built-in embedded benchmark)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--seeds", type=int, help="repeat with seeds 0..N-1, report mean ± std")
-    p.add_argument("--quick", action="store_true", help="the reduced CI version (≤ 3 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="the config's reduced CI version (<config>.quick.yaml, ≤ 3 min)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=50")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -50,18 +115,23 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
          _configure_demo)
 def demo(args: argparse.Namespace) -> int:
     from orthoreg.experiment import Experiment, load_config
+    from orthoreg.experiment.config import apply_overrides, from_mapping
 
-    if args.config and args.quick:
-        raise UsageError("--quick selects a built-in config; use --config or --quick, not both")
-    path = Path(args.config) if args.config else builtin_config("quick" if args.quick
-                                                                else "embedded")
+    path = resolve_config(args.config)
     overrides = _overrides(args.set)
     if args.seeds is not None:
         if args.seeds < 1:
             raise ConfigError("--seeds must be ≥ 1")
         overrides["seeds"] = list(range(args.seeds))
-    config = load_config(path, overrides)
-    print(f"orthoreg demo: config {path} → {args.out}")
+    if args.quick:
+        quick = quick_variant(path)
+        raw = merge_config(_read_mapping(path), _read_mapping(quick))
+        config = from_mapping(apply_overrides(raw, overrides))
+        shown = f"{path} + {quick.name}"
+    else:
+        config = load_config(path, overrides)
+        shown = str(path)
+    print(f"orthoreg demo: config {shown} → {args.out}")
     results = Experiment(config, args.out, progress=not args.no_progress).run()
     from orthoreg.experiment.report import summary_table
 
