@@ -61,8 +61,15 @@ orthoreg_env_origin() {
   fi
 }
 
+# DIR/bin/python, or DIR/bin/python3 where only that exists (a system prefix such as /usr)
 orthoreg_env_python() {
-  echo "$(orthoreg_env_dir)/bin/python"
+  local dir
+  dir=$(orthoreg_env_dir)
+  if [ ! -x "$dir/bin/python" ] && [ -x "$dir/bin/python3" ]; then
+    echo "$dir/bin/python3"
+  else
+    echo "$dir/bin/python"
+  fi
 }
 
 # orthoreg_python_info PYTHON → "VERSION VENV MANAGED PIP ENSUREPIP PREFIX"

@@ -39,7 +39,7 @@ esac
 
 started=$SECONDS
 venv=$(orthoreg_env_dir)
-vpy=$venv/bin/python
+vpy=$(orthoreg_env_python)
 project_torch=$(grep -o '"torch[^"]*"' pyproject.toml | head -n 1 | tr -d '"')
 [ -n "$project_torch" ] || orthoreg_die "pyproject.toml names no torch requirement"
 
@@ -71,6 +71,11 @@ else
   if [ -n "${VIRTUAL_ENV:-}" ] && [ -z "${ORTHOREG_VENV:-}" ]; then
     orthoreg_die "the active virtual environment $VIRTUAL_ENV has no bin/python;" \
       "deactivate it, or set ORTHOREG_VENV"
+  fi
+  if [ -e "$venv" ] && [ -n "$(ls -A "$venv" 2>/dev/null)" ]; then
+    # never turn a folder that holds something else into a venv
+    orthoreg_die "$venv (from $(orthoreg_env_origin)) exists but has no bin/python;" \
+      "point ORTHOREG_VENV at a Python environment or at a new folder"
   fi
   base=$(orthoreg_base_python)
   create_venv=1

@@ -50,7 +50,7 @@ def _fake_nvidia_smi(bindir: Path, gpu: bool) -> Path:
 
 @pytest.fixture
 def debian_python(tmp_path: Path) -> Path:
-    """A prefix whose bin/python3 behaves like Debian's: externally managed, without pip."""
+    """A prefix whose bin/python3 behaves like Debian's /usr: externally managed, no pip."""
     binary = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
     stdlib = Path(sysconfig.get_path("stdlib"))
     if not (stdlib / "os.py").is_file():
@@ -70,7 +70,6 @@ def debian_python(tmp_path: Path) -> Path:
         prefix / "bin" / "python3",
         f'#!/bin/sh\necho "$*" >> "{log}"\nPYTHONHOME="{prefix}" exec "{binary}" "$@"\n',
     )
-    (prefix / "bin" / "python").symlink_to("python3")
     probe = subprocess.run(
         [str(shim), "-c", "import importlib.util, os, sys, sysconfig; "
          "print(os.path.isfile(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')),"
@@ -158,6 +157,20 @@ def test_an_externally_managed_environment_is_refused_before_pip(
     assert str(prefix) in done.stderr
     calls = (tmp_path / "python-calls.log").read_text()
     assert "-m pip" not in calls and "-m venv" not in calls
+
+
+def test_a_folder_that_is_no_environment_is_never_made_one(
+    debian_python: Path, repo: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("not a venv")
+    env = _environment([debian_python.parent], ORTHOREG_VENV=str(folder))
+    done = _setup(repo, env)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert f"{folder} (from ORTHOREG_VENV) exists but has no bin/python" in done.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    assert "-m venv" not in (tmp_path / "python-calls.log").read_text()
 
 
 def test_an_active_virtual_environment_is_used(
