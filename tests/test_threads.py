@@ -152,3 +152,27 @@ def test_available_cores_and_the_run_queue_are_read():
     if Path("/proc/stat").is_file():
         busy = threads.other_runnable(samples=3, interval=0.0)
         assert busy is not None and busy >= 0
+
+
+def test_the_load_bench_summary_reports_slowdowns_paired_by_round():
+    from orthoreg.bench.load import format_table, summarize
+
+    def record(round_index: int, setting: str, condition: str, steps: float,
+               images: float) -> dict[str, object]:
+        return {"round": round_index, "setting": setting, "condition": condition,
+                "threads": 2, "steps_per_s": steps, "images_per_s": images}
+
+    records = [record(0, "all", "quiet", 1.0, 100.0), record(0, "all", "loaded", 0.25, 50.0),
+               record(1, "all", "loaded", 0.5, 40.0), record(1, "all", "quiet", 2.0, 120.0),
+               record(0, "one", "quiet", 4.0, 200.0), record(0, "one", "loaded", 2.0, 100.0),
+               record(1, "one", "loaded", 2.0, 100.0), record(1, "one", "quiet", 4.0, 200.0)]
+    rows = {row["setting"]: row for row in summarize(records)}
+    assert rows["all"]["quiet_train"] == 1.5 and rows["all"]["loaded_train"] == 0.375
+    assert rows["all"]["slowdown_train"] == 4.0  # ratio of medians
+    assert rows["all"]["paired_train"] == 4.0 and rows["all"]["paired_train_range"] == [4.0, 4.0]
+    assert rows["all"]["slowdown_eval"] == 110.0 / 45.0
+    assert rows["one"]["slowdown_train"] == 2.0
+    # against the best quiet rate of any setting (one's 4.0 steps/s)
+    assert rows["all"]["vs_best_quiet_train"] == 4.0 / 0.375
+    assert rows["one"]["vs_best_quiet_train"] == 2.0
+    assert "all" in format_table(list(rows.values()))
