@@ -3,6 +3,8 @@
 Each rank takes half of every global batch; the Trainer sums the ranks' weighted gradients
 before the penalty and the clip, so both runs take the same optimizer steps and must end
 at the same task vector up to float summation order. Only rank 0 writes the run directory.
+The recipe's training crop is on (its default): every rank draws the same key per step and
+crops its slice as one process would (orthoreg.clip.augment), which this also checks.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from orthoreg.clip.run import FinetuneSpec, finetune_task, load_run
@@ -25,6 +28,7 @@ COMMON = {"paradigm": "full", "lam": 1.0, "steps": 3, "batch_size": 8, "warmup_s
           "lr": 1e-3, "seed": 0}
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tiny_config: Path, tiny_weights: Path,
                                           data_root: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
