@@ -125,23 +125,27 @@ def draw_key() -> int:
 def crop_grid(boxes: Tensor, canvas: int, size: int) -> Tensor:
     """``grid_sample`` coordinates that resample each canvas box to ``size`` × ``size``.
 
-    ``boxes`` (N, 4) float64 as (x0, y0, x1, y1) in canvas pixels (edges, not centres).
-    Output pixel k's centre (k + ½)/size of the box lands at x0 + (k + ½)(x1 − x0)/size,
-    normalised for ``align_corners=False`` as 2x/canvas − 1: at a whole-canvas box with
-    size = canvas every sample falls on a pixel centre and the image comes back unchanged.
+    ``boxes`` (N, 4) as (x0, y0, x1, y1) in canvas pixels (edges, not centres); the grid is
+    built on their device and in float32. Output pixel k's centre (k + ½)/size of the box
+    lands at x0 + (k + ½)(x1 − x0)/size, normalised for ``align_corners=False`` as
+    2x/canvas − 1: at a whole-canvas box with size = canvas every sample falls on a pixel
+    centre and the image comes back unchanged.
     """
-    steps = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    boxes = boxes.float()
+    steps = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) / size
     x = boxes[:, 0:1] + steps[None] * (boxes[:, 2:3] - boxes[:, 0:1])
     y = boxes[:, 1:2] + steps[None] * (boxes[:, 3:4] - boxes[:, 1:2])
     x, y = 2 * x / canvas - 1, 2 * y / canvas - 1
-    grid = torch.stack([x[:, None, :].expand(-1, size, -1), y[:, :, None].expand(-1, -1, size)],
+    return torch.stack([x[:, None, :].expand(-1, size, -1), y[:, :, None].expand(-1, -1, size)],
                        dim=-1)
-    return grid.float()
 
 
 def resample_boxes(canvases: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """uint8 (N, 3, size, size): each canvas's box, bicubic, rounded back to uint8."""
-    grid = crop_grid(boxes, canvases.shape[-1], size).to(canvases.device)
+    """uint8 (N, 3, size, size): each canvas's box, bicubic, rounded back to uint8.
+
+    Everything happens on the canvases' device: only the (N, 4) boxes cross from the CPU.
+    """
+    grid = crop_grid(boxes.to(canvases.device), canvases.shape[-1], size)
     out = F.grid_sample(canvases.float(), grid, mode="bicubic", padding_mode="border",
                         align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
