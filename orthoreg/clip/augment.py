@@ -17,8 +17,9 @@ How it is done here without decoding JPEGs every step:
   the original's pixel coordinates maps to a box in the canvas by the two scale factors, so
   any crop open_clip could take is still available.
 - **Crop parameters** follow torchvision's ``RandomResizedCrop.get_params`` step for step
-  (up to 10 tries of area × log-uniform aspect, then the central fallback), drawn from a
-  generator per (step key, image index): :meth:`RandomResizedCrop.params`.
+  (up to 10 tries of area × log-uniform aspect, then the central fallback), vectorised over
+  the batch (:meth:`RandomResizedCrop.params`), from uniforms that are a function of
+  (step key, image index) only (:func:`uniforms`).
 - **Resampling**: the box is resampled to S × S with bicubic ``grid_sample`` (a = −0.75, as
   torch's tensor path of torchvision; PIL's bicubic is a = −0.5) on the training device, so
   a GPU run pays ~1 ms per batch, not the seconds the CPU would take.
@@ -40,15 +41,32 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 #: bump when the crops a (key, index) pair gives change
-AUGMENT_VERSION = 1
-_SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio): spreads the index bits
-_SEED_MASK = (1 << 63) - 1
+AUGMENT_VERSION = 2
+_INDEX_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: spreads the index bits
+_STREAM_STEP = np.uint64(0xBF58476D1CE4E5B9)
+
+
+def uniforms(key: int, indices: np.ndarray, count: int) -> np.ndarray:
+    """(N, count) uniforms in [0, 1): row i a function of (key, indices[i]) only.
+
+    A counter-based generator (SplitMix64's finaliser over key ⊕ index·φ + j·c): the
+    numbers of one image do not depend on which other images share its batch, and a whole
+    batch is drawn in a few vectorised operations instead of a generator per image.
+    """
+    with np.errstate(over="ignore"):
+        base = np.uint64(key & 0xFFFFFFFFFFFFFFFF) ^ (indices.astype(np.uint64) * _INDEX_MIX)
+        z = base[:, None] + np.arange(1, count + 1, dtype=np.uint64)[None] * _STREAM_STEP
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @dataclass(frozen=True)
@@ -59,37 +77,43 @@ class RandomResizedCrop:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     attempts: int = 10
 
-    def params(self, height: int, width: int,
-               generator: torch.Generator) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of a crop of a ``height`` × ``width`` image.
+    def draws(self) -> int:
+        """Uniforms per image: two per attempt, two for the position."""
+        return 2 * self.attempts + 2
 
-        torchvision's ``get_params``: up to ``attempts`` draws of a target area
-        (uniform in ``scale`` × area) and an aspect ratio (log-uniform in ``ratio``) until
-        the box fits, at a uniform position; otherwise the whole image clipped to the
-        nearest allowed aspect ratio, centred. Drawn from ``generator`` only.
+    def params(self, heights: np.ndarray, widths: np.ndarray,
+               draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(top, left, h, w) of one crop per image, given each image's :meth:`draws` uniforms.
+
+        torchvision's ``get_params``, vectorised over images: up to ``attempts`` draws of a
+        target area (uniform in ``scale`` × area) and an aspect ratio (log-uniform in
+        ``ratio``), the first whose box fits wins, at a uniform position; if none fits, the
+        whole image clipped to the nearest allowed aspect ratio, centred. Sides are rounded
+        half to even, as Python's ``round`` in torchvision.
         """
-        area = height * width
+        heights = np.asarray(heights, dtype=np.int64)
+        widths = np.asarray(widths, dtype=np.int64)
+        area = (heights * widths).astype(np.float64)[:, None]
+        tries = self.attempts
+        target = area * (self.scale[0] + draws[:, 0:2 * tries:2] * (self.scale[1] - self.scale[0]))
         log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for _ in range(self.attempts):
-            draws = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-            target = area * (self.scale[0] + draws[0] * (self.scale[1] - self.scale[0]))
-            aspect = math.exp(log_low + draws[1] * (log_high - log_low))
-            w = round(math.sqrt(target * aspect))
-            h = round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-                return top, left, h, w
-        in_ratio = width / height
-        if in_ratio < min(self.ratio):
-            w = width
-            h = round(w / min(self.ratio))
-        elif in_ratio > max(self.ratio):
-            h = height
-            w = round(h * max(self.ratio))
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
+        aspect = np.exp(log_low + draws[:, 1:2 * tries:2] * (log_high - log_low))
+        w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+        h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+        fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+        first = fits.argmax(axis=1)
+        rows = np.arange(len(heights))
+        found = fits[rows, first]
+        h, w = np.where(found, h[rows, first], 0), np.where(found, w[rows, first], 0)
+        # the fallback: whole image, clipped to the nearest allowed aspect ratio, centred
+        in_ratio = widths / heights
+        narrow, wide = in_ratio < min(self.ratio), in_ratio > max(self.ratio)
+        fallback_w = np.where(wide, np.round(heights * max(self.ratio)), widths).astype(np.int64)
+        fallback_h = np.where(narrow, np.round(widths / min(self.ratio)), heights).astype(np.int64)
+        h, w = np.where(found, h, fallback_h), np.where(found, w, fallback_w)
+        top = np.where(found, np.floor(draws[:, -2] * (heights - h + 1)), (heights - h) // 2)
+        left = np.where(found, np.floor(draws[:, -1] * (widths - w + 1)), (widths - w) // 2)
+        return top.astype(np.int64), left.astype(np.int64), h, w
 
     def to_dict(self) -> dict[str, object]:
         return {"kind": "random_resized_crop", "scale": list(self.scale),
@@ -110,11 +134,6 @@ def get_augmentation(name: str) -> RandomResizedCrop | None:
     except KeyError:
         raise KeyError(f"unknown training augmentation {name!r}; choose from "
                        f"{sorted(TRAIN_AUGMENTATIONS)}") from None
-
-
-def sample_generator(key: int, index: int) -> torch.Generator:
-    """The generator of one image's crop at one step: a function of (key, index) only."""
-    return torch.Generator().manual_seed((key ^ (index * _SEED_MIX)) & _SEED_MASK)
 
 
 def draw_key() -> int:
@@ -176,16 +195,16 @@ class RandomCropTrainSet(Dataset):
         return len(self.labels)
 
     def boxes(self, indices: Sequence[int], key: int) -> Tensor:
-        """(N, 4) canvas boxes of these images' crops for step ``key`` (float64)."""
+        """(N, 4) canvas boxes (x0, y0, x1, y1) of these images' crops for step ``key``."""
+        index = np.asarray(indices, dtype=np.int64)
+        sizes = self.sizes[torch.from_numpy(index)].numpy()
+        heights, widths = sizes[:, 0], sizes[:, 1]
+        top, left, h, w = self.crop.params(heights, widths,
+                                           uniforms(key, index, self.crop.draws()))
         canvas = self.canvases.shape[-1]
-        out = torch.empty(len(indices), 4, dtype=torch.float64)
-        for row, index in enumerate(indices):
-            height, width = (int(v) for v in self.sizes[index])
-            top, left, h, w = self.crop.params(height, width, sample_generator(key, int(index)))
-            sx, sy = canvas / width, canvas / height
-            out[row] = torch.tensor([left * sx, top * sy, (left + w) * sx, (top + h) * sy],
-                                    dtype=torch.float64)
-        return out
+        sx, sy = canvas / widths, canvas / heights
+        return torch.from_numpy(np.stack([left * sx, top * sy, (left + w) * sx,
+                                          (top + h) * sy], axis=1))
 
     def gather(self, indices: Tensor | Sequence[int], key: int) -> Tensor:
         """The crops of ``indices`` for step ``key``: a pure function of its arguments."""

@@ -13,7 +13,7 @@ from orthoreg.clip.augment import (
     RandomCropTrainSet,
     RandomResizedCrop,
     resample_boxes,
-    sample_generator,
+    uniforms,
 )
 from orthoreg.clip.data import cache_path, folder_splits, load_canvas, load_task
 
@@ -21,7 +21,21 @@ CROP = RandomResizedCrop()
 
 
 def _draws(height: int, width: int, count: int) -> np.ndarray:
-    return np.array([CROP.params(height, width, sample_generator(7, i)) for i in range(count)])
+    """``count`` crops of one image size: (count, 4) as (top, left, h, w)."""
+    index = np.arange(count)
+    crops = CROP.params(np.full(count, height), np.full(count, width),
+                        uniforms(7, index, CROP.draws()))
+    return np.stack(crops, axis=1)
+
+
+def test_uniforms_depend_on_key_and_index_only() -> None:
+    batch = uniforms(3, np.array([4, 9, 2]), 22)
+    assert batch.shape == (3, 22) and ((batch >= 0) & (batch < 1)).all()
+    assert np.array_equal(batch[1], uniforms(3, np.array([9]), 22)[0])
+    assert not np.array_equal(batch, uniforms(4, np.array([4, 9, 2]), 22))
+    many = uniforms(1, np.arange(20000), 2)
+    assert abs(many.mean() - 0.5) < 0.01 and abs(many.var() - 1 / 12) < 0.002
+    assert abs(np.corrcoef(many[:, 0], many[:, 1])[0, 1]) < 0.03
 
 
 @pytest.mark.parametrize(("height", "width"), [(40, 60), (300, 200), (32, 32)])
@@ -175,7 +189,7 @@ def test_load_task_serves_cropped_train_batches_and_centre_cropped_eval(
 def test_crop_parameters_do_not_touch_the_global_generator() -> None:
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    CROP.params(40, 60, sample_generator(1, 2))
+    CROP.params(np.array([40]), np.array([60]), uniforms(1, np.array([2]), CROP.draws()))
     _train_set().gather([0, 1], key=4)
     assert torch.equal(torch.get_rng_state(), before)
     assert math.isclose(CROP.scale[0], 0.9) and CROP.to_dict()["kind"] == "random_resized_crop"
