@@ -7,6 +7,7 @@ presets (fused ``in_proj_weight`` + ``out_proj``) are exercised as they are on a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -21,6 +22,13 @@ CLASSES = 4
 # The tensors here are tiny: intra-op threads only add contention (100× slower on a busy
 # 2-core machine) and make float reductions depend on the machine's thread count.
 torch.set_num_threads(1)
+
+# The processes tests start (the CLI, fine-tunes killed mid-run, DDP workers) load torch on
+# GNU OpenMP, whose waiting threads spin unless told to sleep: beside other jobs that made a
+# training step 8–26× slower (docs/PERFORMANCE.md, "Under load"). The CLI sets this itself
+# (orthoreg.utils.threads); helper scripts run with `python script.py` do not.
+if not any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 class ConvNet(nn.Module):
