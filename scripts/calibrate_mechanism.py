@@ -14,7 +14,7 @@ R2  the larger-update setting: the smallest learning-rate multiplier m ∈ {3, 1
 The fine-tunes are the sweep's own cached stages (same output directories), so the sweep
 reuses them. Writes docs/results/mechanism/calibration.json.
 
-    python scripts/calibrate_mechanism.py [--out runs/mechanism]
+    python scripts/calibrate_mechanism.py [--out runs/mechanism] [--paradigms full lora]
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/mechanism")
     parser.add_argument("--paradigms", nargs="+", default=["full", "lora"])
+    parser.add_argument("--json", default="docs/results/mechanism/calibration.json",
+                        help="where the figures go (one file per run: merge by paradigm)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     config = load_config(builtin_config("mechanism"), {"seeds": [0]})
@@ -101,7 +103,7 @@ def main(argv: list[str]) -> int:
     result["seconds"] = time.perf_counter() - started
     result["command"] = "python scripts/calibrate_mechanism.py " + " ".join(argv)
     result.update(provenance(0))
-    path = Path("docs/results/mechanism/calibration.json")
+    path = Path(args.json)
     atomic_write_json(path, result)
     print(json.dumps({p: {"shape_grid": v["shape"]["grid"],
                           "lr_multiplier": v["large_update"]["multiplier"]}
