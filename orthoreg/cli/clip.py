@@ -39,6 +39,9 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=0.0, help="OrthoReg λ (0: the baseline)")
     p.add_argument("--squared", action="store_true",
                    help="the paper text's squared penalty ‖G−I‖²_F (default: the code's ‖G−I‖_F)")
+    p.add_argument("--penalty-matrices", choices=("2d", "ndim>=2"), default="2d",
+                   help="weights the penalty covers: exactly the 2-D ones (default, the "
+                        "authors' rule) or every ≥2-D one (adds the patch-embedding conv)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
     p.add_argument("--quick-gelu", action="store_true",
                    help="force QuickGELU (OpenAI-trained weights)")
@@ -96,6 +99,7 @@ def finetune(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         cache=args.cache, device=args.device, precision=args.precision, augment=args.augment,
+        penalty_matrices=args.penalty_matrices,
         eval_batch_size=args.eval_batch_size, workers=args.workers,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
     )
@@ -300,10 +304,19 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gpu_check(args: argparse.Namespace) -> int:
-    from orthoreg.clip.gpucheck import main as gpu_check_main
+def _configure_gpu_check(p: argparse.ArgumentParser) -> None:
+    from orthoreg.clip.gpucheck import add_arguments
 
-    return gpu_check_main(args.gpu_check_args)
+    add_arguments(p)
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    from orthoreg.clip.model import require_open_clip
+
+    require_open_clip()
+    from orthoreg.clip.gpucheck import resolve_defaults, run
+
+    return run(resolve_defaults(args))
 
 
 #: `orthoreg clip ACTION` → (help, configure, run)
@@ -313,10 +326,7 @@ CLIP_ACTIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                   "4 paradigms × {λ = 0, the authors' λ} × 8 tasks, addition, negation, the "
                   "paper's numbers beside ours", _configure_reproduce, _reproduce),
     "gpu-check": ("scripts/gpu_check.sh: the recipe on this GPU with a random-init ViT "
-                  "(no weights, no data); one JSON line",
-                  lambda p: p.add_argument("gpu_check_args", nargs=argparse.REMAINDER,
-                                           help="arguments of gpu_check (--dry-run, --steps …)"),
-                  _gpu_check),
+                  "(no weights, no data); one JSON line", _configure_gpu_check, _gpu_check),
 }
 
 

@@ -48,8 +48,8 @@ DRY_RUN_CONFIG = {
 DRY_RUN_NAME = "orthoreg-gpucheck-tiny"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The check's options (also `orthoreg clip gpu-check`'s)."""
     p.add_argument("--device", help="cuda (default) or cpu")
     p.add_argument("--model", default="ViT-B-32", help="open_clip config (default ViT-B-32)")
     p.add_argument("--steps", type=int, help="optimizer steps per configuration (default 20)")
@@ -61,7 +61,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torchrun", action="store_true", help="skip the torchrun check")
     p.add_argument("--out", metavar="FILE", help="also write the JSON line here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # torchrun child
-    args = p.parse_args(argv)
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the options left open: the dry run's CPU-sized values, else the GPU's."""
     if args.dry_run:
         args.device = args.device or "cpu"
         args.steps = args.steps or 2
@@ -189,8 +192,18 @@ def worker(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return resolve_defaults(parser.parse_args(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every check; one JSON line on stdout; 0 when all passed (module doc)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="orthoreg-gpucheck-") as folder:
         model = _model_name(args, Path(folder))

@@ -133,7 +133,10 @@ def time_training(backbone: CLIPVisionBackbone, head: ZeroShotHead, data: Random
     config = train_config("synthetic", model, paradigm, len(data), lam, steps=steps,
                           batch_size=batch_size, accumulation=1, warmup_steps=0,
                           amp=autocast_for(precision) and device.type == "cuda",
-                          progress=False, log_every=1, **overrides)
+                          progress=False, log_every=1,
+                          # per-step logging is for the clock; the regime's SVDs would
+                          # be timed with it
+                          track_regime=False, **overrides)
     trainee = build_paradigm(paradigm).prepare(copy.deepcopy(backbone)).to(device)
     head = head.to(device).eval().requires_grad_(False)
     stamps: list[float] = []

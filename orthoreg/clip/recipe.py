@@ -66,6 +66,11 @@ WARMUP_STEPS = 500
 WEIGHT_DECAY = 0.1
 GRAD_CLIP = 1.0
 
+#: which weights the OrthoReg penalty covers (TrainConfig.matrices): exactly the 2-D ones,
+#: the authors' rule, so a ViT's 4-D patch-embedding conv (``visual.conv1.weight``) is not
+#: penalised; "ndim>=2" (the library default) adds it, reshaped to (out, in·kh·kw)
+PENALTY_MATRICES = "2d"
+
 #: precision name → bf16 autocast on CUDA (TrainConfig.amp); the authors train in fp32
 PRECISIONS: dict[str, bool] = {"fp32": False, "bf16": True}
 DEFAULT_PRECISION = "fp32"
@@ -127,8 +132,9 @@ def train_config(task: str, model: str, paradigm: str, train_size: int, lam: flo
     """The recipe's TrainConfig for (task, model, paradigm), with explicit overrides.
 
     ``overrides`` are other :class:`TrainConfig` fields (``weight_decay``, ``warmup_steps``,
-    ``grad_clip``, ``squared``, ``seed``, ``amp``, ``progress``, …). The default is fp32
-    (``amp=False``), as the authors trained.
+    ``grad_clip``, ``squared``, ``seed``, ``amp``, ``matrices``, ``progress``, …). The
+    defaults are the authors': fp32 (``amp=False``), the penalty on exactly the 2-D weights
+    (``matrices="2d"``).
     """
     preset = batch_preset(model)
     batch = BatchPreset(batch_size or preset.batch_size,
@@ -139,5 +145,6 @@ def train_config(task: str, model: str, paradigm: str, train_size: int, lam: flo
                        accumulation=batch.accumulation,
                        lr=lr if lr is not None else get_recipe(paradigm).lr,
                        weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS,
-                       grad_clip=GRAD_CLIP, lam=lam, amp=autocast_for(DEFAULT_PRECISION))
+                       grad_clip=GRAD_CLIP, lam=lam, amp=autocast_for(DEFAULT_PRECISION),
+                       matrices=PENALTY_MATRICES)
     return replace(base, **overrides)

@@ -3,8 +3,9 @@
 A *run directory* is what :func:`finetune_task` leaves behind and what the evaluations read:
 
     <out>/run.json            the record: model (config, weights path and sha256, QuickGELU),
-                              task, classes, split hashes, paradigm and options, the resolved
-                              TrainConfig, zero-shot and fine-tuned val/test accuracy, history
+                              task, classes, split hashes, paradigm and options, precision,
+                              training augmentation, the resolved TrainConfig, zero-shot and
+                              fine-tuned val/test accuracy, history
     <out>/vector.safetensors  the task vector τ in the image tower's parameter names
     <out>/head.safetensors    the task's frozen zero-shot head
 
@@ -44,7 +45,13 @@ from orthoreg.clip.model import (
     weights_fingerprint,
     zeroshot_head,
 )
-from orthoreg.clip.recipe import DEFAULT_PRECISION, autocast_for, build_paradigm, train_config
+from orthoreg.clip.recipe import (
+    DEFAULT_PRECISION,
+    PENALTY_MATRICES,
+    autocast_for,
+    build_paradigm,
+    train_config,
+)
 from orthoreg.clip.templates import CONTROL_TASK, base_task_name
 from orthoreg.errors import OrthoRegError
 from orthoreg.taskvector import TaskVector
@@ -156,6 +163,8 @@ class FinetuneSpec:
     precision: str = DEFAULT_PRECISION
     #: training augmentation (orthoreg.clip.augment): open_clip's, or "none" (centre crops)
     augment: str = "random-resized-crop"
+    #: the weights the penalty covers: "2d" (the authors') or "ndim>=2" (adds conv1)
+    penalty_matrices: str = PENALTY_MATRICES
     eval_batch_size: int = 256
     workers: int | None = None
     progress: bool = True
@@ -280,7 +289,7 @@ def resolve_train_config(spec: FinetuneSpec, task: str, train_size: int,
         epochs=spec.epochs, steps=spec.steps, batch_size=spec.batch_size,
         accumulation=spec.accumulation, lr=spec.lr, squared=spec.squared, seed=spec.seed,
         amp=autocast_for(spec.precision) and device.type == "cuda", progress=spec.progress,
-        checkpoint_every=spec.checkpoint_every,
+        checkpoint_every=spec.checkpoint_every, matrices=spec.penalty_matrices,
         **{k: v for k, v in (("weight_decay", spec.weight_decay),
                              ("warmup_steps", spec.warmup_steps),
                              ("grad_clip", spec.grad_clip)) if v is not None},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,9 @@ def test_cli_finetune_then_addition_and_negation(tiny_config: Path, tiny_weights
         record = json.loads((out / "run.json").read_text())
         assert record["task"] == task and record["train"]["lam"] == 1.0
         assert record["model"]["weights_sha256"] and record["train"]["steps"] == 4
-        # the authors' recipe by default: fp32, open_clip's training crop
+        # the authors' recipe by default: fp32, open_clip's training crop, 2-D penalty
         assert record["precision"] == "fp32" and record["train"]["amp"] is False
+        assert record["train"]["matrices"] == "2d"
         assert record["augmentation"]["kind"] == "random_resized_crop"
         assert record["augmentation"]["scale"] == [0.9, 1.0]
         assert set(record["accuracy"]) == {"finetuned", "zeroshot"}
@@ -194,6 +196,34 @@ def test_augmented_training_resumes_bit_identically(setup, data_root: Path,
     finetune(centre, head, plain.train, config)
     assert not torch.equal(centre.task_vector()["visual.conv1.weight"],
                            whole.task_vector()["visual.conv1.weight"])
+
+
+@pytest.mark.parametrize("paradigm", ["full", "linear"])
+def test_penalty_covers_exactly_the_2d_weights(setup, paradigm: str) -> None:
+    """The authors' rule: 2-D weights only; the 4-D patch-embedding conv is left out."""
+    from orthoreg.clip.recipe import train_config
+    from orthoreg.training import Trainer
+
+    backbone, head, data = setup
+    config = train_config("MNIST", TINY_NAME, paradigm, len(data.train), lam=1.0, steps=1,
+                          batch_size=8, progress=False)
+    assert config.matrices == "2d"
+    model = build_paradigm(paradigm).prepare(copy.deepcopy(backbone))
+
+    def base_names(trainer: Trainer) -> set[str]:
+        # the tangent paradigm trains ΔW as parameters "delta.visual__conv1__weight"
+        return {n.removeprefix("delta.").replace("__", ".") for n in trainer.reg.names}
+
+    covered = base_names(Trainer(model, head, data.train, config))
+    assert not any(name.endswith("conv1.weight") for name in covered)
+    assert any(name.endswith("attn.in_proj_weight") for name in covered)
+    shapes = dict(backbone.named_parameters())
+    assert all(shapes[name].ndim == 2 for name in covered)
+    # the library's rule, still reachable, covers exactly one more weight: conv1
+    wider = base_names(Trainer(model, head, data.train, replace(config, matrices="ndim>=2")))
+    extra = wider - covered
+    assert len(extra) == 1 and next(iter(extra)).endswith("visual.conv1.weight")
+    assert shapes[next(iter(extra))].ndim == 4
 
 
 def test_heads_ignore_training(setup) -> None:

@@ -64,3 +64,12 @@ def test_gpu_check_script_dry_run_with_torchrun(tmp_path: Path) -> None:
     assert {r["paradigm"] for r in report["runs"]} == {"full", "linear", "partial", "lora"}
     assert report["torchrun"]["ok"] and report["torchrun"]["backend"] == "gloo"
     assert report["torchrun"]["world_size"] == 1 and report["torchrun"]["all_reduce"] == 1.0
+
+
+def test_cli_gpu_check_takes_the_scripts_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from orthoreg.cli import main
+
+    assert main(["clip", "gpu-check", "--dry-run", "--no-torchrun", "--paradigms",
+                 "partial"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["ok"] and {r["paradigm"] for r in report["runs"]} == {"partial"}
