@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--paradigms", nargs="+", default=["full", "lora"])
     parser.add_argument("--json", default="docs/results/mechanism/calibration.json",
                         help="where the figures go (one file per run: merge by paradigm)")
+    parser.add_argument("--skip-large", action="store_true",
+                        help="rule R1 only (R2's fine-tunes are the long part)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     config = load_config(builtin_config("mechanism"), {"seeds": [0]})
@@ -97,16 +99,18 @@ def main(argv: list[str]) -> int:
             shape = shape_grid(experiment, paradigm)
         print(f"{paradigm}: shape ladder {shape['ladder_val']} vs λ=0 {shape['baseline_val']:.3f}"
               f" → grid {shape['grid']}")
-        large = large_update(config, out / "large", paradigm, print)
-        print(f"{paradigm}: large-update multiplier {large['multiplier']} ({large})")
-        result["paradigms"][paradigm] = {"shape": shape, "large_update": large}
+        result["paradigms"][paradigm] = {"shape": shape}
+        if not args.skip_large:
+            large = large_update(config, out / "large", paradigm, print)
+            print(f"{paradigm}: large-update multiplier {large['multiplier']} ({large})")
+            result["paradigms"][paradigm]["large_update"] = large
     result["seconds"] = time.perf_counter() - started
     result["command"] = "python scripts/calibrate_mechanism.py " + " ".join(argv)
     result.update(provenance(0))
     path = Path(args.json)
     atomic_write_json(path, result)
     print(json.dumps({p: {"shape_grid": v["shape"]["grid"],
-                          "lr_multiplier": v["large_update"]["multiplier"]}
+                          "lr_multiplier": v.get("large_update", {}).get("multiplier")}
                       for p, v in result["paradigms"].items()}))
     return 0
 
