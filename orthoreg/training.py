@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from orthoreg.errors import OrthoRegError
 from orthoreg.paradigms.base import FineTunable
+from orthoreg.regularizer import ESTIMATORS, MATRIX_RULES, PENALTY_FORMS, OrthoReg
 from orthoreg.utils.io import OrthoRegFileError, read_tensors, save_tensors
 from orthoreg.utils.provenance import provenance
 
@@ -54,37 +55,71 @@ class TrainConfig:
     squared: bool = False
     estimator: str = "exact"
     probes: int = 8
+    form: str = "paper"  # the penalty form (orthoreg.regularizer.PENALTY_FORMS)
+    matrices: str = "ndim>=2"  # which weights it covers (orthoreg.regularizer.MATRIX_RULES)
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
     progress: bool = True
     amp: bool = False  # bf16 autocast on CUDA
+    #: record ΔW's regime (σ_max, median σ, R/√n, ‖ΔW‖_F per matrix) at every logged step
+    track_regime: bool = True
 
     def __post_init__(self) -> None:
         checks = {
             "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0, "warmup_steps": self.warmup_steps >= 0,
-            "accumulation": self.accumulation >= 1, "lam": self.lam >= 0,
+            "accumulation": self.accumulation >= 1,
+            "lam": math.isfinite(self.lam) and self.lam >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1, "probes": self.probes >= 1,
             "checkpoint_every": self.checkpoint_every >= 1, "log_every": self.log_every >= 1,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "form": self.form in PENALTY_FORMS, "matrices": self.matrices in MATRIX_RULES,
+            "estimator": self.estimator in ESTIMATORS,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"TrainConfig: invalid {bad[0]} = {getattr(self, bad[0])!r}")
+            raise ValueError(f"TrainConfig: invalid {bad[0]} = {getattr(self, bad[0])!r}"
+                             + _CHOICES.get(bad[0], ""))
+        if self.form not in ESTIMATORS[self.estimator].forms:
+            raise ValueError(f"TrainConfig: estimator={self.estimator!r} does not support "
+                             f"form={self.form!r}")
 
     def resume_key(self) -> dict[str, Any]:
-        """The fields that must match for a checkpoint to be resumed."""
-        skip = {"progress", "log_every", "checkpoint_every"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        """The fields that must match for a checkpoint to be resumed.
+
+        ``form`` and ``matrices`` appear only when not their defaults, so that the keys of
+        runs (and cached experiment stages) made before they existed stay the same.
+        """
+        skip = {"progress", "log_every", "checkpoint_every", "track_regime"}
+        defaults = {"form": "paper", "matrices": "ndim>=2"}
+        return {k: v for k, v in asdict(self).items()
+                if k not in skip and not (k in defaults and v == defaults[k])}
+
+
+_CHOICES = {
+    "form": f" (choose from {sorted(PENALTY_FORMS)})",
+    "matrices": f" (choose from {sorted(MATRIX_RULES)})",
+    "estimator": f" (choose from {sorted(ESTIMATORS)})",
+    "lam": " (λ must be a finite number ≥ 0)",
+}
 
 
 @dataclass
 class TrainResult:
+    """What a run did: its logged metrics and, with ``track_regime``, ΔW's regime.
+
+    ``regime``: one entry per logged step (the steps of ``history``), ``{"step": int,
+    "matrices": {name: {"sigma_max", "sigma_median", "r_over_sqrt_n", "fro", "n"}}}`` for
+    every matrix the penalty covers (:meth:`orthoreg.regularizer.OrthoReg.regime`); recorded
+    for baselines (λ = 0) too, over the matrices the penalty would cover.
+    """
+
     steps: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
+    regime: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final(self) -> dict[str, float]:
@@ -148,7 +183,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.reg = (model.regularizer(squared=config.squared, estimator=config.estimator,
-                                      probes=config.probes) if config.lam > 0 else None)
+                                      probes=config.probes, form=config.form,
+                                      matrices=config.matrices)
+                    if config.lam > 0 else None)
+        # what the regime is read from when there is no penalty (λ = 0): built on first use
+        self._regime_reader: OrthoReg | None = None
         self.step = 0
         self.rank, self.world = _dist_rank_world()
 
@@ -170,6 +209,7 @@ class Trainer:
         self.model.train()
         self.head.eval()
         history: list[dict[str, float]] = []
+        regime: list[dict[str, Any]] = []
         started = time.perf_counter()
         bar = _progress(cfg, start_step, enabled=cfg.progress and self.rank == 0)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
@@ -178,6 +218,9 @@ class Trainer:
             record = self._step(device, autocast)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 history.append(record)
+                reading = self.regime()
+                if reading is not None:
+                    regime.append({"step": self.step, "matrices": reading})
                 if self.on_log:
                     self.on_log(record)
             if bar is not None:
@@ -189,7 +232,30 @@ class Trainer:
                 self._checkpoint()
         if bar is not None:
             bar.close()
-        return TrainResult(self.step, time.perf_counter() - started, history, start_step)
+        return TrainResult(self.step, time.perf_counter() - started, history, start_step,
+                           regime)
+
+    def regime(self) -> dict[str, dict[str, float | int]] | None:
+        """ΔW's regime now, per covered matrix (``None`` with ``track_regime`` off).
+
+        Read from the penalty, or, for a baseline (λ = 0), from a penalty object built once
+        for the purpose (θ0 borrowed from the paradigm, never copied; its ΔW workspace is
+        allocated on the first reading). A model the penalty could not cover reads as ``{}``.
+        """
+        if not self.config.track_regime:
+            return None
+        # the penalty itself when it is an OrthoReg (a wrapper around one, as tests and
+        # benchmarks install, gets a reader of its own)
+        reader = self.reg if isinstance(self.reg, OrthoReg) else self._regime_reader
+        if reader is None:
+            cfg = self.config
+            try:
+                reader = self.model.regularizer(squared=cfg.squared, form=cfg.form,
+                                                matrices=cfg.matrices)
+            except ValueError:  # nothing to cover (e.g. only biases train)
+                return {}
+            self._regime_reader = reader
+        return reader.regime()
 
     # ---------------------------------------------------------------- one step
     def _step(self, device: torch.device,

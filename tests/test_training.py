@@ -221,3 +221,83 @@ def test_gradient_accumulation_equals_one_large_batch(conv_net, head, images):
     assert captured.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(captured[name], grad, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- forms and regime
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+@pytest.mark.parametrize("paradigm", ["full", "lora"])
+def test_regime_recorded_at_logging_steps_matches_svdvals(conv_net, head, images, paradigm, lam):
+    """At every logged step (and the last), σ of every covered ΔW, baseline included."""
+    model = prepared(conv_net, paradigm)
+    _, result = train(model, head, images, config(steps=7, log_every=3, lam=lam))
+    assert [entry["step"] for entry in result.regime] == [3, 6, 7]
+    assert [entry["step"] for entry in result.regime] == [r["step"] for r in result.history]
+    covered = model.regularizer()
+    names = covered.names or [term.name for term in covered.lowrank]
+    last = result.regime[-1]["matrices"]
+    assert list(last) == names
+    assert last != result.regime[0]["matrices"]  # ΔW moved between the readings
+    for name, delta in zip(names, (d for d in model.deltas().values() if d.ndim >= 2)):
+        sigma = torch.linalg.svdvals(delta.detach().reshape(delta.shape[0], -1).double())
+        entry = last[name]
+        assert set(entry) == {"sigma_max", "sigma_median", "r_over_sqrt_n", "fro", "n"}
+        assert entry["n"] == sigma.numel()
+        assert entry["sigma_max"] == pytest.approx(float(sigma[0]), rel=1e-4)
+        assert entry["fro"] == pytest.approx(float(sigma.norm()), rel=1e-4)
+        if paradigm == "full":
+            assert entry["sigma_median"] == pytest.approx(float(sigma.quantile(0.5)), rel=1e-3)
+        else:  # LoRA rank 2: the median of the two nonzero singular values
+            assert entry["sigma_median"] == pytest.approx(float(sigma[:2].mean()), rel=1e-4)
+        residual = ((sigma**2 - 1) ** 2).sum().sqrt() / math.sqrt(sigma.numel())
+        assert entry["r_over_sqrt_n"] == pytest.approx(float(residual), rel=1e-5)
+
+
+def test_regime_tracking_can_be_switched_off_and_changes_nothing(conv_net, head, images):
+    tracked_vector, tracked = train(prepared(conv_net, "full"), head, images, config(lam=0.5))
+    plain_vector, plain = train(prepared(conv_net, "full"), head, images,
+                                config(lam=0.5, track_regime=False))
+    assert plain.regime == [] and len(tracked.regime) == len(tracked.history)
+    assert_bit_equal(tracked_vector, plain_vector)  # a pure measurement
+    assert tracked.history == plain.history
+
+
+@pytest.mark.parametrize("form", ["shape", "growth"])
+def test_form_and_matrices_reach_the_penalty(conv_net, head, images, form):
+    model = prepared(conv_net, "full")
+    trainer = Trainer(model, head, images, config(lam=0.5, form=form, matrices="2d"))
+    assert trainer.reg is not None and trainer.reg.form == form
+    assert trainer.reg.names == ["fc.weight"]
+    result = trainer.run()
+    assert list(result.regime[-1]["matrices"]) == ["fc.weight"]
+    with torch.no_grad():
+        expected = float(model.regularizer(form=form, matrices="2d")())
+    assert result.final["penalty"] == pytest.approx(expected, rel=0.2, abs=1e-3)
+
+
+def test_resume_key_names_form_and_matrices_only_when_not_default():
+    """Keys of runs (and cached stages) made before the forms existed stay the same."""
+    default = TrainConfig().resume_key()
+    assert "form" not in default and "matrices" not in default
+    assert "track_regime" not in default and "track_regime" not in \
+        TrainConfig(track_regime=False).resume_key()
+    assert TrainConfig(form="shape").resume_key()["form"] == "shape"
+    assert TrainConfig(matrices="2d").resume_key()["matrices"] == "2d"
+    assert TrainConfig(form="growth").resume_key() != default
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lam", float("nan"), "invalid lam"), ("lam", float("inf"), "invalid lam"),
+    ("lam", -0.1, "invalid lam"),
+    ("form", "spectral", r"invalid form = 'spectral' \(choose from \['growth', 'paper', 'shape'\]\)"),
+    ("matrices", "3d", r"invalid matrices = '3d' \(choose from \['2d', 'ndim>=2'\]\)"),
+])
+def test_train_config_rejects_bad_penalty_options(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_checkpoint_of_another_form_is_refused(conv_net, head, images, tmp_path):
+    train(prepared(conv_net, "full"), head, images, config(steps=2, lam=0.5), tmp_path)
+    with pytest.raises(ValueError, match=r"different config \(first difference: form\)"):
+        train(prepared(conv_net, "full"), head, images,
+              config(steps=2, lam=0.5, form="shape"), tmp_path)

@@ -89,11 +89,14 @@ def penalty_flops(reg: OrthoReg | None, probes: int | None, fused: bool) -> floa
     if reg is None:
         return 0.0
     total = 0.0
+    growth = getattr(reg, "form", "paper") == "growth"
     for param in (p for group in reg._groups for p in group.params):
         m, n = as_matrix(param).shape
         if probes is not None:
             total += 10.0 * m * n * probes  # 2 thin products forward, 3 backward
-        else:
+        elif growth:  # no Gram: ‖ΔW‖²_F and c·ΔW
+            total += 4.0 * m * n
+        else:  # paper and shape (shape adds O(n²) per matrix)
             total += ours_matrix_flops(m, n) if fused else 6.0 * m * n * min(m, n)
     for term in reg.lowrank:
         r = term.A.shape[0]

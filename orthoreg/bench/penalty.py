@@ -7,6 +7,11 @@ and seed with and without the penalty, variants interleaved A/B/B/A… and media
 (a) MobileNetV2, full fine-tuning; (b) a ViT-B/32-shaped transformer, full and
 attention-only, exact penalty and Hutchinson's estimator; (c) LoRA on that ViT's attention,
 the step with the low-rank penalty and the penalty alone in dense vs low-rank form.
+With the penalty forms (variants ``exact-shape``, ``exact-growth``; ``lowrank-…`` for LoRA):
+each form's penalty alone (value and gradient into ``.grad``, as a step computes it),
+interleaved, against the paper form's. And on every workload: what regime tracking costs
+(:meth:`~orthoreg.training.Trainer.regime`, once per logged step) as a share of a step
+without penalty at the pipeline's logging interval (``--no-regime`` skips it).
 
 Beside each measured ratio: the ratio predicted by :mod:`orthoreg.bench.costmodel` from FLOP
 counts (the issue's 6·m·n·min(m, n) per matrix and what ours computes) or, for Hutchinson,
@@ -47,7 +52,7 @@ from orthoreg.bench.costmodel import (
     step_flops,
     stream_bandwidth,
 )
-from orthoreg.bench.workloads import WORKLOADS, Workload, build_workload
+from orthoreg.bench.workloads import FORM_VARIANTS, WORKLOADS, Workload, build_workload
 from orthoreg.regularizer import OrthoReg, fused_penalty
 from orthoreg.training import TrainConfig, Trainer
 from orthoreg.utils.io import atomic_write_json
@@ -57,12 +62,22 @@ PAPER_PREDICTED_GOAL = 1.12  # issue: predicted step ratio at batch 128 (6·m·n
 PAPER_OURS_GOAL = 1.06  # issue: ours at batch 128 with once-per-step penalty
 HUTCHINSON_GOAL = 1.03  # step ratio at k = 8 on (b) at the CPU batch
 LOWRANK_GOAL = 0.05  # low-rank penalty time ≤ this × the dense form's
+SHAPE_GOAL = 1.10  # the shape form's penalty time ≤ this × the paper form's
+REGIME_GOAL = 0.02  # regime tracking ≤ this share of a step at the logging interval
+#: the logging interval regime tracking is charged against: the pipeline's steps // 10 for
+#: the embedded config (60 steps) on the CNN, and for the CLIP recipe's 2000 steps on the ViT
+REGIME_LOG_EVERY = {"cnn_full": 6, "vit_full": 200, "vit_attn": 200, "vit_lora": 200}
 
 
 # ----------------------------------------------------------------------------- timing
 def wanted(variant: str, args: argparse.Namespace) -> bool:
-    """``--variants`` keeps the baseline and the variants named by their first word."""
-    return variant == "off" or args.variants is None or variant.split()[0] in args.variants
+    """``--variants`` keeps the baseline and the variants named by their first word; the
+    penalty forms (``exact-shape``, ``exact-growth``, …) run only when named."""
+    if variant == "off":
+        return True
+    if args.variants is None:
+        return "-" not in variant
+    return variant.split()[0] in args.variants
 
 
 def make_trainer(work: Workload, seed: int) -> Trainer:
@@ -72,7 +87,8 @@ def make_trainer(work: Workload, seed: int) -> Trainer:
     running the loop one step at a time changes nothing; λ only scales the gradient.
     """
     config = TrainConfig(steps=1, batch_size=work.batch, lr=1e-5, warmup_steps=10**9,
-                         lam=1.0, seed=seed, progress=False, log_every=1, checkpoint_every=10**9)
+                         lam=1.0, seed=seed, progress=False, log_every=1, checkpoint_every=10**9,
+                         track_regime=False)  # timed on its own (measure_regime)
     return Trainer(work.model, work.head, work.data, config)
 
 
@@ -155,7 +171,8 @@ def measure_workload(name: str, args: argparse.Namespace, device: torch.device) 
             "predicted_issue_formula": 1 + naive / model_flops,
             "predicted_ours": 1 + ours / model_flops,
         }
-        if variant != "off" and naive / model_flops > 1e-3:
+        if variant != "off" and naive / model_flops > 1e-3 and reg.form != "growth":
+            # (growth has no Gram: its few m·n passes are bound by memory, not FLOPs)
             row["overhead_vs_predicted_issue"] = (measured - 1) / max(naive / model_flops, 1e-12)
             row["overhead_vs_predicted_ours"] = (measured - 1) / max(ours / model_flops, 1e-12)
         if variant != "off":
@@ -177,7 +194,85 @@ def measure_workload(name: str, args: argparse.Namespace, device: torch.device) 
     result: dict[str, Any] = {"rows": rows}
     if name == "vit_lora" and "lowrank" in penalties:
         result["lora_penalty"] = measure_lora_penalty(work, penalties["lowrank"], args, device)
+    forms = {v: reg for v, reg in penalties.items() if v.split("-")[0] in ("exact", "lowrank")}
+    if len(forms) > 1 and any("-" not in v for v in forms):  # the paper form and another
+        result["forms"] = measure_forms(name, forms, args, device)
+    if not args.no_regime:
+        result["regime"] = measure_regime(name, trainer, base, args, device)
     return result
+
+
+def measure_forms(name: str, forms: dict[str, OrthoReg], args: argparse.Namespace,
+                  device: torch.device) -> list[dict[str, Any]]:
+    """Each form's penalty alone, as a step computes it (``accumulate_grad``), interleaved.
+
+    The difference of two step medians would bury a 10 % difference of a penalty that is a
+    fraction of the step under the step's own noise; timed alone, the forms differ only in
+    what they compute. Gradients are reset between calls, as ``zero_grad`` does in a step.
+    """
+    params = [p for reg in forms.values() for g in reg._groups for p in g.params]
+    params += [p for reg in forms.values() for t in reg.lowrank for p in (t.A, t.B)]
+    if any(reg.lowrank for reg in forms.values()):
+        with torch.no_grad():  # B = 0 at LoRA init: every form would be trivially cheap
+            for term in next(iter(forms.values())).lowrank:
+                term.B.normal_(0.0, 0.02)
+
+    def runner(reg: OrthoReg) -> Callable[[], float]:
+        def run() -> float:
+            for p in params:
+                p.grad = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            reg.accumulate_grad(1.0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - started
+        return run
+
+    times = interleaved({v: runner(reg) for v, reg in forms.items()}, args.steps, args.warmup)
+    for p in params:
+        p.grad = None
+    paper = next(v for v in forms if "-" not in v)
+    base = statistics.median(times[paper])
+    return [{"workload": name, "variant": v, "form": forms[v].form,
+             "penalty_median_s": statistics.median(t),
+             "over_paper": statistics.median(t) / base,
+             "paired_over_paper": statistics.median(a / b for a, b in zip(t, times[paper])),
+             "penalty_s": t} for v, t in times.items()]
+
+
+def measure_regime(name: str, trainer: Trainer, step_s: float, args: argparse.Namespace,
+                   device: torch.device) -> dict[str, Any]:
+    """What reading ΔW's regime costs against a step without penalty (``step_s``, the median
+    of the ``off`` rows just measured on the same trainer).
+
+    The loop reads it once per logged step, so it adds ``regime / (log_every · step)`` to a
+    step on average; ``log_every`` is the pipeline's for this workload (``REGIME_LOG_EVERY``,
+    or ``--log-every``). Read as a baseline run reads it (λ = 0: the trainer builds its own
+    reader); with a penalty it is read from the penalty object, at the same cost.
+    """
+    trainer.reg = None
+    trainer.config = dataclasses.replace(trainer.config, track_regime=True)
+
+    def regime() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        reading = trainer.regime()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        assert reading
+        return time.perf_counter() - started
+
+    matrices = len(trainer.regime() or {})
+    times = interleaved({"regime": regime}, args.steps, args.warmup)["regime"]
+    trainer.config = dataclasses.replace(trainer.config, track_regime=False)
+    log_every = args.log_every or REGIME_LOG_EVERY[name]
+    regime_s = statistics.median(times)
+    return {"workload": name, "matrices": matrices, "step_median_s": step_s,
+            "regime_median_s": regime_s, "log_every": log_every,
+            "overhead": regime_s / (log_every * step_s), "regime_s": times}
 
 
 def measure_lora_penalty(work: Workload, lowrank: OrthoReg, args: argparse.Namespace,
@@ -341,6 +436,20 @@ def report(figures: dict[str, Any]) -> str:
                   f"({lora['lowrank_gflop'] * 1e3:.1f} MFLOP): ratio "
                   f"{lora['lowrank_over_dense']:.4f} (goal ≤ {LOWRANK_GOAL}); values agree: "
                   f"{lora['values_agree']}"]
+    if figures.get("forms"):
+        lines += ["", "penalty forms, penalty alone (value + gradient into .grad), medians:"]
+        for row in figures["forms"]:
+            lines.append(f"  {row['workload']:<9} {row['variant']:<15} "
+                         f"{row['penalty_median_s'] * 1e3:9.1f} ms  ×{row['over_paper']:.3f} "
+                         f"the paper form's (paired ×{row['paired_over_paper']:.3f})")
+    if figures.get("regime"):
+        lines += ["", "regime tracking (σ_max, median σ, R/√n, ‖ΔW‖_F of every covered matrix), "
+                  "once per logged step:"]
+        for row in figures["regime"]:
+            lines.append(f"  {row['workload']:<9} {row['regime_median_s'] * 1e3:9.1f} ms per "
+                         f"reading, step {row['step_median_s'] * 1e3:.0f} ms: "
+                         f"{100 * row['overhead']:.2f} % of a step at log_every = "
+                         f"{row['log_every']}")
     if figures.get("memory"):
         lines += ["", "peak RSS (fresh process, 2 steps):"]
         base = {m["workload"]: m["peak_rss_mb"] for m in figures["memory"] if m["variant"] == "off"}
@@ -395,6 +504,16 @@ def goals(figures: dict[str, Any], probes: int) -> dict[str, str]:
                 f"{row['ratio']:.3f} (paired {row['paired_ratio']:.3f}) at batch {row['batch']} "
                 f"({'met' if met else 'MISSED'}); "
                 f"~{row['extrapolated_batch128']:.3f} at batch 128")
+    for row in figures.get("forms", []):
+        if row["form"] == "shape":
+            ratio = max(row["over_paper"], row["paired_over_paper"])
+            verdicts[f"{row['workload']}: shape form's penalty ≤ {SHAPE_GOAL}× the paper's"] = (
+                f"{row['over_paper']:.3f} (paired {row['paired_over_paper']:.3f}) "
+                f"({'met' if ratio <= SHAPE_GOAL else 'MISSED'})")
+    for row in figures.get("regime", []):
+        verdicts[f"{row['workload']}: regime tracking ≤ {100 * REGIME_GOAL:g} % of a step at "
+                 f"log_every = {row['log_every']}"] = (
+            f"{100 * row['overhead']:.2f} % ({'met' if row['overhead'] <= REGIME_GOAL else 'MISSED'})")
     lora = figures.get("lora_penalty")
     if lora:
         verdicts[f"LoRA low-rank ≤ {LOWRANK_GOAL} × dense"] = (
@@ -434,8 +553,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cnn-batch", type=int, default=32)
     parser.add_argument("--cnn-image", type=int, default=64)
     parser.add_argument("--probes", type=int, default=8, help="Hutchinson probes k")
-    parser.add_argument("--variants", nargs="+", choices=("exact", "hutchinson", "lowrank"),
-                        default=None, help="only these beside the baseline (default: all)")
+    forms = [f"{kind}-{form}" for kind in ("exact", "lowrank") for form in FORM_VARIANTS]
+    parser.add_argument("--variants", nargs="+",
+                        choices=("exact", "hutchinson", "lowrank", *forms),
+                        default=None, help="only these beside the baseline (default: all "
+                        "but the penalty forms exact-shape, exact-growth, lowrank-…)")
+    parser.add_argument("--no-regime", action="store_true",
+                        help="skip timing regime tracking")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="charge regime tracking against this logging interval "
+                             "(default: the pipeline's, per workload)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
@@ -465,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures["rows"] += result["rows"]
         if "lora_penalty" in result:
             figures["lora_penalty"] = result["lora_penalty"]
+        figures.setdefault("forms", []).extend(result.get("forms", []))
+        if "regime" in result:
+            figures.setdefault("regime", []).append(result["regime"])
     if not args.no_memory and device.type == "cpu":
         sizes = ["--seed", args.seed, "--vit-batch", args.vit_batch,
                  "--vit-image", args.vit_image, "--cnn-batch", args.cnn_batch,

@@ -7,6 +7,8 @@
     (``partial`` with the ``vit_attention`` preset); exact penalty, and for full FT also
     Hutchinson's estimator with k probes.
 (c) ``vit_lora``  — LoRA rank 8 on that ViT's attention, with the low-rank penalty.
+Every workload also has the penalty forms ``shape`` and ``growth`` (variants ``exact-shape``,
+``exact-growth``; ``lowrank-…`` for LoRA), through the same fused path as ``exact``.
 
 The ViT is built here rather than loaded so that the benchmark needs no download and has
 the paper's matrix shapes, which are what the penalty's cost depends on; its weights are
@@ -31,6 +33,8 @@ from orthoreg.paradigms.base import FineTunable
 
 CLASSES = 10
 WORKLOADS = ("cnn_full", "vit_full", "vit_attn", "vit_lora")
+#: penalty forms timed beside the paper's, as variants ``exact-<form>`` (``lowrank-<form>``)
+FORM_VARIANTS = ("shape", "growth")
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -137,6 +141,9 @@ def build_workload(name: str, args: argparse.Namespace) -> Workload:
     work.penalties["off"] = lambda: None
     exact = "lowrank" if name == "vit_lora" else "exact"
     work.penalties[exact] = lambda: model.regularizer(squared=False)
+    for form in FORM_VARIANTS:  # the controls of the mechanism study, same path otherwise
+        work.penalties[f"{exact}-{form}"] = (
+            lambda form=form: model.regularizer(squared=False, form=form))
     if name == "vit_full":
         work.penalties[f"hutchinson k={args.probes}"] = lambda: model.regularizer(
             squared=True, estimator="hutchinson", probes=args.probes)

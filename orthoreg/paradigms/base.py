@@ -57,8 +57,15 @@ class FineTunable(nn.Module, abc.ABC):
         """ΔW per base-model parameter name (differentiable where the paradigm trains it)."""
 
     @abc.abstractmethod
-    def regularizer(self, squared: bool = False, **options: Any) -> OrthoReg:
-        """The OrthoReg penalty over this paradigm's trained matrices."""
+    def regularizer(self, squared: bool = False, form: str = "paper",
+                    matrices: str = "ndim>=2", **options: Any) -> OrthoReg:
+        """The OrthoReg penalty over this paradigm's trained matrices.
+
+        ``form``: the penalty per matrix (``paper``, ``shape``, ``growth``; see
+        :data:`orthoreg.regularizer.PENALTY_FORMS`); ``matrices``: which weights count
+        (``"ndim>=2"`` or ``"2d"``, :data:`orthoreg.regularizer.MATRIX_RULES`); further
+        options (``estimator``, ``probes``, ``include``, ``exclude``) go to :class:`OrthoReg`.
+        """
 
     def task_vector(self, metadata: Mapping[str, Any] | None = None) -> TaskVector:
         with torch.no_grad():

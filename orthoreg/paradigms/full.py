@@ -73,8 +73,10 @@ class DirectFineTunable(FineTunable):
         params = dict(self.backbone.named_parameters())
         return {name: params[name] - theta0 for name, theta0 in self.reference.items()}
 
-    def regularizer(self, squared: bool = False, **options: Any) -> OrthoReg:
-        return OrthoReg(self.backbone, reference=self.reference, squared=squared, **options)
+    def regularizer(self, squared: bool = False, form: str = "paper",
+                    matrices: str = "ndim>=2", **options: Any) -> OrthoReg:
+        return OrthoReg(self.backbone, reference=self.reference, squared=squared, form=form,
+                        matrices=matrices, **options)
 
 
 class Full(Paradigm):

@@ -101,9 +101,11 @@ class LinearizedModel(FineTunable):
     def deltas(self) -> dict[str, Tensor]:
         return {n: self.delta[_mangle(n)] for n in self.trained}
 
-    def regularizer(self, squared: bool = False, **options: Any) -> OrthoReg:
+    def regularizer(self, squared: bool = False, form: str = "paper",
+                    matrices: str = "ndim>=2", **options: Any) -> OrthoReg:
         # the parameters *are* ΔW here, so the reference is zero (no θ0 copy at all)
-        return OrthoReg(self, reference="zero", squared=squared, **options)
+        return OrthoReg(self, reference="zero", squared=squared, form=form, matrices=matrices,
+                        **options)
 
     def set_delta(self, vector: Mapping[str, Tensor], alpha: float = 1.0) -> LinearizedModel:
         with torch.no_grad():

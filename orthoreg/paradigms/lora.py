@@ -94,8 +94,10 @@ class LoraFineTunable(FineTunable):
             out[_base_param_name(path, module)] = weight
         return out
 
-    def regularizer(self, squared: bool = False, **options: Any) -> OrthoReg:
-        return OrthoReg(self.backbone, squared=squared, **options)
+    def regularizer(self, squared: bool = False, form: str = "paper",
+                    matrices: str = "ndim>=2", **options: Any) -> OrthoReg:
+        # adapters only: "2d" drops adapters of conv kernels (their ΔW is 4-D)
+        return OrthoReg(self.backbone, squared=squared, form=form, matrices=matrices, **options)
 
 
 class Lora(Paradigm):

@@ -74,3 +74,26 @@ def test_bytes_model_counts_eight_passes_with_a_reference_and_seven_without():
     assert hutchinson_bytes(OrthoReg(model, estimator="hutchinson")) == 8 * weight_bytes
     assert hutchinson_bytes(OrthoReg(model, reference="zero")) == 7 * weight_bytes
     assert stream_bandwidth(OrthoReg(model)) > 0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_penalty_forms_and_regime_are_timed_at_toy_size(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "penalty.json"
+    code = main(["--only", "cnn_full", "--steps", "1", "--warmup", "0", "--no-memory",
+                 "--cnn-batch", "2", "--cnn-image", "16", "--json", str(out),
+                 "--variants", "exact", "exact-shape", "exact-growth"])
+    assert code == 0
+    figures = json.loads(out.read_text())
+    assert [row["variant"] for row in figures["rows"]] == [
+        "off", "exact", "exact-shape", "exact-growth"]
+    forms = {row["variant"]: row for row in figures["forms"]}
+    assert set(forms) == {"exact", "exact-shape", "exact-growth"}
+    assert forms["exact"]["over_paper"] == 1.0 and forms["exact-shape"]["form"] == "shape"
+    rows = {row["variant"]: row for row in figures["rows"]}
+    assert rows["exact-growth"]["penalty_gflop_ours"] < rows["exact"]["penalty_gflop_ours"] / 10
+    (regime,) = figures["regime"]
+    assert regime["log_every"] == 6 and regime["matrices"] > 0 and regime["overhead"] > 0
+    assert any("shape form's penalty" in goal for goal in figures["goals"])
+    assert any("regime tracking" in goal for goal in figures["goals"])
+    assert "regime tracking" in capsys.readouterr().out

@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'orthoreg[hf]'"
     ) from exc
 
-from orthoreg.regularizer import OrthoReg, lora_terms, select_parameters
+from orthoreg.regularizer import OrthoReg, lora_terms, penalty_form, select_parameters
 
 
 def capture_reference(
@@ -98,6 +98,7 @@ class OrthoRegMixin:
 
     orthoreg_lambda: float
     orthoreg_squared: bool
+    orthoreg_form: str
 
     def _init_orthoreg(
         self,
@@ -106,9 +107,11 @@ class OrthoRegMixin:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         reference: Mapping[str, Tensor] | None = None,
+        form: str = "paper",
     ) -> None:
         if not math.isfinite(lam) or lam < 0:
             raise ValueError(f"orthoreg_lambda must be a finite number ≥ 0, got {lam!r}")
+        penalty_form(form)  # an unknown form fails now, listing the known ones
         trainer: Any = self
         if getattr(trainer, "is_fsdp_enabled", False) or getattr(
             trainer, "is_deepspeed_enabled", False
@@ -118,6 +121,7 @@ class OrthoRegMixin:
             )
         self.orthoreg_lambda = float(lam)
         self.orthoreg_squared = bool(squared)
+        self.orthoreg_form = form
         self._orthoreg_include = include
         self._orthoreg_exclude = exclude
         self._orthoreg: OrthoReg | None = None
@@ -148,6 +152,7 @@ class OrthoRegMixin:
                 include=self._orthoreg_include,
                 exclude=self._orthoreg_exclude,
                 squared=self.orthoreg_squared,
+                form=self.orthoreg_form,
             )
             self._orthoreg_reference = None  # OrthoReg keeps (copies or borrows) what it needs
         return self._orthoreg
@@ -253,6 +258,9 @@ class OrthoRegTrainer(OrthoRegMixin, Trainer):
       plain norm); 0 trains without the penalty but still logs it.
     - ``orthoreg_squared`` — the paper's squared ‖G − I‖²_F instead of the code's ‖G − I‖_F;
       λ does not transfer between the two.
+    - ``orthoreg_form`` — the penalty form: ``"paper"`` (default), or the controls
+      ``"shape"`` (‖G/ḡ − I‖_F, spectrum shape only) and ``"growth"`` (magnitude only);
+      see :data:`orthoreg.regularizer.PENALTY_FORMS`. Each form needs its own λ.
     - ``orthoreg_include`` / ``orthoreg_exclude`` — parameter-name globs choosing the dense
       matrices covered (default: every trainable ≥2-D non-normalisation weight); PEFT LoRA
       adapters are always covered, in low-rank form. A freshly initialised classification
@@ -271,12 +279,13 @@ class OrthoRegTrainer(OrthoRegMixin, Trainer):
         orthoreg_include: Sequence[str] | None = None,
         orthoreg_exclude: Sequence[str] | None = None,
         orthoreg_reference: Mapping[str, Tensor] | None = None,
+        orthoreg_form: str = "paper",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._init_orthoreg(
             orthoreg_lambda, orthoreg_squared, orthoreg_include, orthoreg_exclude,
-            orthoreg_reference,
+            orthoreg_reference, orthoreg_form,
         )
 
 
@@ -293,6 +302,7 @@ def add_orthoreg(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     reference: Mapping[str, Tensor] | None = None,
+    form: str = "paper",
 ) -> Trainer:
     """Give an existing Trainer (of any Trainer subclass) the OrthoReg term; returns it.
 
@@ -303,5 +313,5 @@ def add_orthoreg(
     if isinstance(trainer, OrthoRegMixin):
         raise ValueError("this trainer already has OrthoReg; set trainer.orthoreg_lambda instead")
     trainer.__class__ = _with_orthoreg(type(trainer))
-    trainer._init_orthoreg(lam, squared, include, exclude, reference)  # type: ignore[attr-defined]
+    trainer._init_orthoreg(lam, squared, include, exclude, reference, form)  # type: ignore[attr-defined]
     return trainer
