@@ -1,11 +1,11 @@
 """The thread settings the command-line entry points apply (orthoreg.utils.threads).
 
 The settings are process-wide and libgomp reads its wait policy once, when ``import torch``
-loads it; so each case runs in a fresh interpreter, started through an entry point, and
-never in the test process. libgomp reports what it runs with on stderr when
-``OMP_DISPLAY_ENV=verbose``: ``GOMP_SPINCOUNT = '0'`` is the passive policy, ``'300000'``
-its spinning default. Cases that only decide the environment check it in this process,
-without a fresh interpreter (each one loads torch: 20–40 s on the busy 2-core box).
+loads it; so what libgomp ends up doing is checked in fresh interpreters started through an
+entry point. libgomp reports what it runs with on stderr when ``OMP_DISPLAY_ENV=verbose``:
+``GOMP_SPINCOUNT = '0'`` is the passive policy, ``'300000'`` its spinning default. Cases
+that only decide the environment run in this process, with the environment restored after
+them (a fresh interpreter loads torch: 20–40 s each on the busy 2-core box).
 """
 
 from __future__ import annotations
