@@ -6,11 +6,13 @@ OpenMP (libgomp, ``torch.__config__.parallel_info()``). An idle libgomp thread *
 every barrier — by default ≈ 300 000 iterations before it sleeps — waiting for its
 siblings. On a machine whose cores are all busy, the sibling it waits for has been
 descheduled, so the spinning thread burns the time slice that sibling needed. A training
-step of the quick demo's model runs hundreds of short parallel regions, and every one pays.
+step of the quick demo's model calls ≈ 150 convolution and matrix-product kernels, each a
+parallel region ending in a barrier, and every one pays.
 Measured with ``orthoreg bench load`` on the shared 2-core box (docs/PERFORMANCE.md,
-"Under load"): 0.03–0.2 fine-tune steps/s with the default, 0.6–1.9 with the threads told to
-sleep — a 10–60× difference, most of the reported 48 → 668 s slowdown of ``orthoreg demo
---quick`` beside one other busy process.
+"Under load"): beside one more busy process, 0.03–0.05 fine-tune steps/s with the default
+against 0.5–1.0 with the threads told to sleep; one more process cost the spinning pool
+3.6–7.5× and the sleeping one 1.1–2.1× — the reported 48 → 668 s of ``orthoreg demo
+--quick`` was the spinning.
 
 What the entry points do (:func:`configure_process`, called by ``orthoreg …`` and
 ``python -m orthoreg.bench …`` before anything imports torch; importing the library does
@@ -19,16 +21,18 @@ not call it):
 - ``OMP_WAIT_POLICY=PASSIVE`` in the environment, unless the user set ``OMP_WAIT_POLICY``
   or ``GOMP_SPINCOUNT``. libgomp reads it once, when ``import torch`` loads the runtime, so
   it must be in place before that; child processes inherit it. Waiting threads then sleep
-  at once; on a quiet machine a wake-up costs a few microseconds per parallel region.
+  at once; the price on an idle machine, a kernel wake-up per parallel region, could not
+  be measured on the shared box (docs/PERFORMANCE.md says how to check it).
 - The intra-op thread count stays torch's default (one per available core) — the count
   the published figures were computed with. Float reductions are split by thread count, so
   results are bit-identical only between runs with the same count; every result file
   records it (``torch_threads`` in :func:`orthoreg.utils.provenance.provenance`).
 - ``ORTHOREG_THREADS=N`` pins N intra-op threads (``torch.set_num_threads``, and
   ``OMP_NUM_THREADS`` for child processes). ``ORTHOREG_THREADS=auto`` takes the
-  available cores minus the tasks already running when the command starts: fastest on a
-  machine that stays busy, but the count — and so the last bits of the results — then
-  depends on the load at start. ``ORTHOREG_THREADS=default`` leaves torch and OpenMP
+  available cores minus the tasks already running when the command starts, for a machine
+  that stays busy (on the 2-core box it ran no faster than the default beside one more
+  process); the count — and so the last bits of the results — then depends on the load at
+  start. ``ORTHOREG_THREADS=default`` leaves torch and OpenMP
   exactly as they would be without orthoreg.
 """
 
