@@ -353,7 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           "evaluation, batches of 64")
     print(f"wall {time.perf_counter() - started:.0f} s; after: {machine_load()}")
     if args.json:
-        args.json.write_text(json.dumps({"records": records, "summary": rows}, indent=1))
+        from orthoreg.utils.io import atomic_write_json
+
+        atomic_write_json(args.json, {"records": records, "summary": rows})
     return 0
 
 

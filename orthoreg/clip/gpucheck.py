@@ -36,6 +36,7 @@ import torch
 
 from orthoreg.clip.paper import PAPER_LAMBDAS
 from orthoreg.clip.recipe import PARADIGM_RECIPES, PRECISIONS
+from orthoreg.utils.io import atomic_write_text
 
 #: a 2-layer ViT small enough for a CPU dry run (the CLIP tests' tiny model)
 DRY_RUN_CONFIG = {
@@ -80,7 +81,7 @@ def _model_name(args: argparse.Namespace, folder: Path) -> str:
     if not args.dry_run:
         return args.model
     path = folder / f"{DRY_RUN_NAME}.json"
-    path.write_text(json.dumps(DRY_RUN_CONFIG))
+    atomic_write_text(path, json.dumps(DRY_RUN_CONFIG))
     return str(path)
 
 
