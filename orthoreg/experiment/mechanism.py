@@ -85,7 +85,9 @@ def plot_regime(out: Path, results: dict[str, Any], save_png: SavePng) -> list[s
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            if key != "r_over_sqrt_n":
+            if key == "r_over_sqrt_n":
+                ax.ticklabel_format(axis="y", useOffset=False)
+            else:
                 ax.set_yscale("log")
                 ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
                 ax.text(ax.get_xlim()[0], 1.0, " σ = 1", va="bottom", fontsize=8)
