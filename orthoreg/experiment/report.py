@@ -33,6 +33,18 @@ def summary_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pretrained_table(results: dict[str, Any]) -> list[str]:
+    """Per task, the pretrained model's accuracy under the frozen heads (for zero-shot heads:
+    the zero-shot accuracy) and what the family said about its data (e.g. truncated texts)."""
+    info = results.get("data_info", {})
+    lines = ["## Pretrained (zero-shot) accuracy per task", "",
+             "| task | val | test | data |", "|---|---|---|---|"]
+    for task, acc in results["pretrained"].items():
+        notes = "; ".join(f"{k}: {v}" for k, v in info.get(task, {}).items()) or "–"
+        lines.append(f"| {task} | {acc['val'] * 100:.1f} | {acc['test'] * 100:.1f} | {notes} |")
+    return [*lines, ""]
+
+
 def verdicts(results: dict[str, Any]) -> list[str]:
     """One plain sentence per paradigm and variant: did it beat the equally tuned baseline?"""
     by = {(r["paradigm"], r["variant"]): r for r in results["summary"]}
@@ -294,6 +306,7 @@ def write_report(out: str | Path, results: dict[str, Any]) -> Path:
         "",
         summary_table(results),
         "",
+        *pretrained_table(results),
         "## Verdict per paradigm",
         "",
         *verdicts(results),

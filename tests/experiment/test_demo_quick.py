@@ -95,7 +95,12 @@ def test_quick_demo_runs_and_reports(tmp_path: Path) -> None:
     paradigms = {run["paradigm"] for run in results["runs"]}
     assert paradigms == {"full", "linear", "partial", "lora"}
     assert all(0.0 <= run["addition"]["abs"] <= 1.0 for run in results["runs"])
-    assert (out / "report.md").read_text().count("| baseline |") == 4
+    variants = {(run["paradigm"], run["variant"]) for run in results["runs"]}
+    assert {v for _, v in variants} == {"baseline", "orthoreg", "shape", "growth"}  # every form
+    report = (out / "report.md").read_text()
+    summary = report.split("## Verdict")[0]
+    assert summary.count("| baseline |") == 4  # one summary row per paradigm
+    assert "## Mechanism: structure or magnitude" in report
     # a rerun with the same config reuses every stage
     code, again = run_demo(out, log)
     assert code == 0, log.read_text()[-3000:]
