@@ -1,6 +1,6 @@
 """Apply the text benchmark's learning-rate rule on VALIDATION splits only (docs/TEXT.md).
 
-    python tests/zoo/text/calibrate_lr.py [--config text] [--out runs/text-calibration]
+    python scripts/calibrate_text_lr.py [--config text] [--out runs/text-calibration]
 
 Per paradigm, baseline (λ = 0) single-task fine-tunes with the config's steps, batch and
 data, at rungs of the ladder LADDER, each scored by the mean validation accuracy over the

@@ -1,6 +1,6 @@
 """Time the pieces of the text benchmark in CPU seconds (docs/TEXT.md, "Budget").
 
-    OMP_NUM_THREADS=1 python tests/zoo/text/time_pieces.py election2016 crowdflower
+    OMP_NUM_THREADS=1 python scripts/time_text_pieces.py election2016 crowdflower
 
 Prints the zero-shot val accuracy and evaluation cost per task (100 val examples), one
 fine-tune step per paradigm (batch ``B`` = 16, ``L`` = 32 tokens, ``STEPS`` steps timed),
