@@ -75,10 +75,12 @@ def plot_regime(out: Path, results: dict[str, Any], save_png: SavePng) -> list[s
                   ("sigma_max_median", "median over matrices of σ_max(ΔW)"),
                   ("r_over_sqrt_n", "mean R(ΔW)/√n")]
         for run in runs:
-            series = list(run["regime"].values())
-            steps = [point["step"] for point in series[0]]
+            # a fine-tune resumed from a checkpoint logs only the steps after the resume:
+            # average over the steps every task has
+            by_step = [{point["step"]: point for point in s} for s in run["regime"].values()]
+            steps = sorted(set.intersection(*(set(points) for points in by_step)))
             for ax, (key, _) in zip(axes, panels):
-                values = [sum(s[i][key] for s in series) / len(series) for i in range(len(steps))]
+                values = [sum(p[step][key] for p in by_step) / len(by_step) for step in steps]
                 ax.plot(steps, values, marker="o", markersize=3,
                         label=f"{run['variant']} (λ={run['lambda']:g})")
         for ax, (key, title) in zip(axes, panels):
