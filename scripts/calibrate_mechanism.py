@@ -87,19 +87,23 @@ def main(argv: list[str]) -> int:
                         help="where the figures go (one file per run: merge by paradigm)")
     parser.add_argument("--skip-large", action="store_true",
                         help="rule R1 only (R2's fine-tunes are the long part)")
+    parser.add_argument("--skip-shape", action="store_true",
+                        help="rule R2 only (R1's figures are already committed)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     config = load_config(builtin_config("mechanism"), {"seeds": [0]})
     out = Path(args.out)
     result: dict[str, Any] = {"rules": __doc__.split("\n\n")[1], "paradigms": {}}
     for paradigm in args.paradigms:
-        experiment = Experiment(config, out / "default", log=print, progress=False)
-        with experiment.ws:
-            experiment._load()
-            shape = shape_grid(experiment, paradigm)
-        print(f"{paradigm}: shape ladder {shape['ladder_val']} vs λ=0 {shape['baseline_val']:.3f}"
-              f" → grid {shape['grid']}")
-        result["paradigms"][paradigm] = {"shape": shape}
+        result["paradigms"][paradigm] = {}
+        if not args.skip_shape:
+            experiment = Experiment(config, out / "default", log=print, progress=False)
+            with experiment.ws:
+                experiment._load()
+                shape = shape_grid(experiment, paradigm)
+            print(f"{paradigm}: shape ladder {shape['ladder_val']} vs λ=0 "
+                  f"{shape['baseline_val']:.3f} → grid {shape['grid']}")
+            result["paradigms"][paradigm]["shape"] = shape
         if not args.skip_large:
             large = large_update(config, out / "large", paradigm, print)
             print(f"{paradigm}: large-update multiplier {large['multiplier']} ({large})")
@@ -109,7 +113,7 @@ def main(argv: list[str]) -> int:
     result.update(provenance(0))
     path = Path(args.json)
     atomic_write_json(path, result)
-    print(json.dumps({p: {"shape_grid": v["shape"]["grid"],
+    print(json.dumps({p: {"shape_grid": v.get("shape", {}).get("grid"),
                           "lr_multiplier": v.get("large_update", {}).get("multiplier")}
                       for p, v in result["paradigms"].items()}))
     return 0
