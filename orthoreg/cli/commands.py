@@ -141,6 +141,22 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_gather(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="the output directory to gather into (created if missing)")
+    p.add_argument("sources", nargs="+", help="output directories whose finished stages to add")
+
+
+@command("gather", "merge the finished stages of several run directories into one (then "
+         "`orthoreg demo --out OUT` on the whole config reuses them)", _configure_gather)
+def gather(args: argparse.Namespace) -> int:
+    from orthoreg.experiment.workspace import gather as gather_stages
+
+    report = gather_stages(args.out, args.sources)
+    print(f"orthoreg gather: {report.added} stages added, {report.present} already in "
+          f"{args.out}, {report.unfinished} unfinished skipped")
+    return 0
+
+
 def _configure_fetch(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", help="assets to fetch (default: all default assets)")
 

@@ -12,7 +12,9 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-from orthoreg.errors import RunLocked
+from orthoreg.errors import OrthoRegError, RunLocked
 from orthoreg.utils.io import atomic_write_json
 
 LOCK = ".orthoreg.lock"
@@ -158,3 +160,78 @@ class Workspace:
     def finish(self, key: str, result: Mapping[str, Any]) -> dict[str, Any]:
         atomic_write_json(self.stage_dir(key) / "result.json", dict(result))
         return dict(result)
+
+
+@dataclass(frozen=True)
+class GatherReport:
+    """What :func:`gather` did: stages added, already present, and skipped unfinished."""
+
+    added: int
+    present: int
+    unfinished: int
+
+
+def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Hard-link (a stage's files are never rewritten once finished), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def gather(dest: str | os.PathLike[str],
+           sources: list[str | os.PathLike[str]]) -> GatherReport:
+    """Merge the finished stages of several output directories into ``dest``.
+
+    Why: a long benchmark is cheapest split into processes (one per paradigm, or per
+    machine) that each write their own directory; the stage keys depend only on what
+    determines each stage, so once gathered, ``orthoreg demo`` on the whole config in
+    ``dest`` reuses every stage and only writes the report. Finished stages are immutable
+    (``result.json`` is written last), so gathering from a run still in progress is safe;
+    its unfinished stages are skipped. Every conflict is found before anything is written:
+    a key finished in two places with different results is an error naming it. A stage's
+    ``result.json`` is placed last, so an interrupted gather leaves only stages that
+    ``orthoreg demo`` redoes.
+    """
+    root = Path(dest)
+    for source in sources:
+        if not (Path(source) / "stages").is_dir():
+            raise OrthoRegError(f"{source}: not an orthoreg output directory (no stages/)")
+        if Path(source).resolve() == root.resolve():
+            raise OrthoRegError(f"{source}: is the destination itself")
+    chosen: dict[str, Path] = {}
+    unfinished = 0
+    for source in sources:
+        for stage in sorted((Path(source) / "stages").iterdir()):
+            result = stage / "result.json"
+            if not result.is_file():
+                unfinished += 1
+                continue
+            previous = chosen.get(stage.name)
+            if previous is None:
+                chosen[stage.name] = stage
+            elif (previous / "result.json").read_bytes() != result.read_bytes():
+                raise OrthoRegError(f"stage {stage.name} is finished in {previous.parent.parent} "
+                                    f"and {source} with different results; gather one of them")
+    added = present = 0
+    with Workspace(root) as ws:
+        for key, stage in chosen.items():
+            target = root / "stages" / key
+            done = target / "result.json"
+            if done.is_file():
+                if done.read_bytes() != (stage / "result.json").read_bytes():
+                    raise OrthoRegError(f"stage {key} is finished in {root} and "
+                                        f"{stage.parent.parent} with different results")
+                present += 1
+                continue
+            folder = ws.stage_dir(key)
+            for item in sorted(stage.iterdir()):
+                if item.is_dir():
+                    shutil.copytree(item, folder / item.name, copy_function=_link_or_copy,
+                                    dirs_exist_ok=True)
+                elif item.name != "result.json":
+                    (folder / item.name).unlink(missing_ok=True)
+                    _link_or_copy(item, folder / item.name)
+            _link_or_copy(stage / "result.json", done)
+            added += 1
+    return GatherReport(added, present, unfinished)
