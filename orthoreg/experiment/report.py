@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from orthoreg.experiment.mechanism import mechanism_section
+from orthoreg.experiment.stats import paired_difference
 from orthoreg.utils.io import atomic_write_bytes, atomic_write_text
 
 
@@ -46,7 +47,12 @@ def pretrained_table(results: dict[str, Any]) -> list[str]:
 
 
 def verdicts(results: dict[str, Any]) -> list[str]:
-    """One plain sentence per paradigm and variant: did it beat the equally tuned baseline?"""
+    """One plain sentence per paradigm and variant: did it beat the equally tuned baseline?
+
+    With two or more seeds the word comes from the paired difference of task addition
+    (variant − baseline, same seed): "better"/"worse" only when its 95 % t interval excludes
+    zero. With one seed the difference is printed with the warning that its noise is unknown.
+    """
     by = {(r["paradigm"], r["variant"]): r for r in results["summary"]}
     out = []
     for paradigm, variant in by:
@@ -55,15 +61,20 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             continue
         name = "OrthoReg" if variant == "orthoreg" else f"the {variant} form"
         diff = (ortho["addition_abs"] - base["addition_abs"]) * 100
-        spread = max(base["addition_abs_std"], ortho["addition_abs_std"]) * 100
-        if abs(diff) < 0.05:
+        paired = paired_difference(results["runs"], paradigm, variant)
+        if paired is not None:
+            low, high = (x * 100 for x in paired["ci"])
+            per_seed = ", ".join(f"{d * 100:+.1f}" for d in paired["per_seed"])
+            verdict = (f"{name} better" if low > 0 else f"{name} worse" if high < 0
+                       else "no clear difference")
+            word = (f"{verdict}: paired over {len(paired['seeds'])} seeds "
+                    f"{paired['mean'] * 100:+.1f} ± {paired['std'] * 100:.1f}, 95 % CI "
+                    f"[{low:+.1f}, {high:+.1f}]; per seed {per_seed}")
+        elif abs(diff) < 0.05:
             word = "no difference"
-        elif ortho["seeds"] > 1 and abs(diff) <= spread:
-            word = "no clear difference (within the seed spread)"
         else:
             word = f"{name} better" if diff > 0 else f"{name} worse"
-            if ortho["seeds"] == 1:
-                word += "; one seed, so the size of the noise is unknown"
+            word += "; one seed, so the size of the noise is unknown"
         label = paradigm if variant == "orthoreg" else f"{paradigm} / {variant}"
         out.append(
             f"- **{label}**: task addition {base['addition_abs'] * 100:.1f} → "
