@@ -109,6 +109,10 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=50")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--selection-from", metavar="RESULTS",
+                   help="reuse the candidates a finished run of the same config chose (its "
+                        "results.json or run directory) instead of searching: further seeds "
+                        "elsewhere, joined later with `orthoreg combine`")
 
 
 @command("demo", "run the embedded benchmark (or --config) end to end and write a report",
@@ -132,12 +136,34 @@ def demo(args: argparse.Namespace) -> int:
         config = load_config(path, overrides)
         shown = str(path)
     print(f"orthoreg demo: config {shown} → {args.out}")
-    results = Experiment(config, args.out, progress=not args.no_progress).run()
+    pinned = None
+    if args.selection_from:
+        from orthoreg.experiment.combine import load_results
+
+        pinned = load_results(args.selection_from)[1]
+    results = Experiment(config, args.out, progress=not args.no_progress, pinned=pinned).run()
     from orthoreg.experiment.report import summary_table
 
     print(summary_table(results))
     print(f"\nwrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'} "
           f"({results['timings']['total']:.0f} s)")
+    return 0
+
+
+def _configure_combine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="where the joined results.json and report go")
+    p.add_argument("runs", nargs="+", help="finished runs (directories or results.json files)")
+
+
+@command("combine", "join finished runs of one benchmark split by seed or paradigm "
+         "(checked to be parts of the same benchmark) into one report", _configure_combine)
+def combine(args: argparse.Namespace) -> int:
+    from orthoreg.experiment.combine import combine as combine_runs
+
+    results = combine_runs(args.out, args.runs)
+    seeds = sorted({r["seed"] for r in results["runs"]})
+    print(f"orthoreg combine: {len(args.runs)} runs, {len(results['runs'])} measurements, "
+          f"seeds {seeds} → {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'}")
     return 0
 
 

@@ -17,7 +17,7 @@ import itertools
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,12 +95,61 @@ def candidates(config: ExperimentConfig, paradigm: str) -> list[Candidate]:
     return baseline + ortho + forms
 
 
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-30)
+
+
+def pin_selection(config: ExperimentConfig,
+                  source: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """A finished run's choices as this run's: per paradigm and variant, the candidate of
+    ``config``'s own grid that the source chose (so the protocol is the one the grid
+    defines; only *which* point was chosen comes from the source, on its selecting seed).
+    Raises ConfigError naming the paradigm and variant that the source lacks or that is not
+    on this config's grid."""
+    if config.selection.on_seed == "each":
+        raise ConfigError("config key 'selection.on_seed': 'each' chooses on every seed; "
+                          "a pinned selection needs 'first'")
+    selection = source.get("selection")
+    if not isinstance(selection, Mapping):
+        raise ConfigError("the pinned results have no 'selection' (not an orthoreg results.json)")
+    origin = {"git_commit": source.get("git_commit"),
+              "seeds": sorted({r.get("seed") for r in source.get("runs", [])}),
+              "name": source.get("name")}
+    pinned: dict[str, dict[str, dict[str, Any]]] = {}
+    for paradigm in config.paradigms:
+        grid = candidates(config, paradigm)
+        chosen_there = selection.get(paradigm)
+        if not isinstance(chosen_there, Mapping):
+            raise ConfigError(f"the pinned results chose nothing for paradigm {paradigm!r}")
+        pinned[paradigm] = {}
+        for variant in dict.fromkeys(c.variant for c in grid):
+            choice = chosen_there.get(variant)
+            if not isinstance(choice, Mapping):
+                raise ConfigError(f"the pinned results chose nothing for {paradigm} / {variant}")
+            match = [c for c in grid if c.variant == variant and _same(c.lr, choice["lr"])
+                     and _same(c.lam, choice["lambda"])
+                     and c.form == choice.get("form", "paper")]
+            if not match:
+                raise ConfigError(
+                    f"the pinned choice for {paradigm} / {variant} (lr={choice['lr']:g}, "
+                    f"λ={choice['lambda']:g}) is not on this config's grid; pin a run of "
+                    "the same config")
+            pinned[paradigm][variant] = {"candidate": match[0], "grid": choice.get("grid", []),
+                                         "pinned_from": origin}
+    return pinned
+
+
 class Experiment:
     """Runs one config in one output directory (see module docstring)."""
 
     def __init__(self, config: ExperimentConfig, out: str | Path, log: Log = print,
-                 progress: bool = True) -> None:
+                 progress: bool = True, pinned: Mapping[str, Any] | None = None) -> None:
+        """``pinned``: a finished run's ``results.json`` (its ``selection`` and provenance) —
+        reuse the candidates it chose instead of searching, so further seeds of the same
+        benchmark can run on another machine or day and be joined with ``orthoreg
+        combine``. Every pinned choice must be a point of this config's own grids."""
         self.config = config
+        self.pinned = pin_selection(config, pinned) if pinned is not None else None
         self.ws = Workspace(out)
         self.log = log
         self.progress = progress
@@ -362,8 +411,11 @@ class Experiment:
             grid = candidates(self.config, paradigm)
             variants = list(dict.fromkeys(c.variant for c in grid))
             for seed in seeds:
-                chosen = grid if each or seed == seeds[0] else [
-                    next(c for c in grid if c.variant == v) for v in variants]
+                if self.pinned is not None:
+                    chosen = [c["candidate"] for c in self.pinned[paradigm].values()]
+                else:
+                    chosen = grid if each or seed == seeds[0] else [
+                        next(c for c in grid if c.variant == v) for v in variants]
                 plan += [(paradigm, c, seed, t) for c in chosen for t in self.config.tasks]
         return plan
 
@@ -381,9 +433,12 @@ class Experiment:
             seeds = list(self.config.seeds)
             for paradigm in self.config.paradigms:
                 self.log(f"[{paradigm}]")
-                chosen = self.select(paradigm, seeds[0])
+                chosen = (self.pinned[paradigm] if self.pinned is not None
+                          else self.select(paradigm, seeds[0]))
                 selections[paradigm] = {v: {"lr": c["candidate"].lr, "lambda": c["candidate"].lam,
-                                            "form": c["candidate"].form, "grid": c["grid"]}
+                                            "form": c["candidate"].form, "grid": c["grid"],
+                                            **({"pinned_from": c["pinned_from"]}
+                                               if "pinned_from" in c else {})}
                                         for v, c in chosen.items()}
                 for seed in seeds:
                     if self.config.selection.on_seed == "each" and seed != seeds[0]:

@@ -329,8 +329,11 @@ def write_report(out: str | Path, results: dict[str, Any]) -> Path:
         for variant, choice in variants.items():
             grid = ", ".join(f"lr={g['lr']:.2g} λ={g['lambda']:g}: {g['val_abs'] * 100:.1f}"
                              for g in choice["grid"])
+            origin = choice.get("pinned_from")
+            pinned = (f" (pinned from run {origin.get('name')!r}, seeds {origin.get('seeds')}, "
+                      f"git {origin.get('git_commit')})" if origin else "")
             lines.append(f"- {paradigm} / {variant}: {grid} → chose lr={choice['lr']:.2g}, "
-                         f"λ={choice['lambda']:g}")
+                         f"λ={choice['lambda']:g}{pinned}")
     lines += ["", *mechanism_section(out, results, _save_png)]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path = out / "report.md"
