@@ -54,7 +54,7 @@ def test_a_pinned_run_trains_only_the_chosen_candidates(split) -> None:
 
 
 def test_combine_joins_seeds_into_one_report(split, tmp_path: Path) -> None:
-    first, second, chosen, pinned = split
+    first, second, _, _ = split
     joined = combine(tmp_path / "all", [first, second])
     assert [r["seed"] for r in joined["runs"] if r["variant"] == "baseline"] == [0, 1]
     row = next(r for r in joined["summary"] if r["variant"] == "orthoreg")
@@ -70,7 +70,7 @@ def test_combine_joins_seeds_into_one_report(split, tmp_path: Path) -> None:
 
 
 def test_combine_refuses_a_seed_twice_and_a_different_config(split, tmp_path: Path) -> None:
-    first, second, chosen, _ = split
+    first, _, chosen, _ = split
     with pytest.raises(OrthoRegError, match="seed 0 is also in"):
         combine(tmp_path / "twice", [first, first])
     other = copy.deepcopy(chosen)
@@ -78,7 +78,7 @@ def test_combine_refuses_a_seed_twice_and_a_different_config(split, tmp_path: Pa
     other["runs"] = [{**r, "seed": 5} for r in other["runs"]]
     path = tmp_path / "other.json"
     path.write_text(json.dumps(other))
-    with pytest.raises(OrthoRegError, match="'train.steps' differs"):
+    with pytest.raises(OrthoRegError, match=r"'train\.steps' differs"):
         combine(tmp_path / "bad", [first, path])
     assert not (tmp_path / "bad" / "results.json").exists()
 
@@ -87,7 +87,7 @@ def test_pinning_a_choice_off_this_grid_names_it(split) -> None:
     _, _, chosen, _ = split
     config = from_mapping({**TINY, "selection": {"lambdas": [3.0, 30.0],
                                                  "lr_multipliers": [1.0, 3.0]}})
-    with pytest.raises(ConfigError, match="full / orthoreg .* not on this config's grid"):
+    with pytest.raises(ConfigError, match=r"full / orthoreg .* not on this config's grid"):
         pin_selection(config, chosen)
     with pytest.raises(ConfigError, match="chose nothing for paradigm 'lora'"):
         pin_selection(from_mapping({**TINY, "paradigms": {"lora": {"lr": 1e-2}}}), chosen)
