@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 from orthoreg.errors import OrthoRegError, RunLocked
-from orthoreg.utils.io import atomic_write_json
+from orthoreg.utils.io import atomic_write_bytes, atomic_write_json
 
 LOCK = ".orthoreg.lock"
 
@@ -172,11 +172,11 @@ class GatherReport:
 
 
 def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Hard-link (a stage's files are never rewritten once finished), else copy."""
+    """Hard-link (a stage's files are never rewritten once finished), else copy atomically."""
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copy2(src, dst)
+        atomic_write_bytes(Path(dst), Path(src).read_bytes())
 
 
 def gather(dest: str | os.PathLike[str],
