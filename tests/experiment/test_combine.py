@@ -14,18 +14,13 @@ from orthoreg.experiment import Experiment, from_mapping
 from orthoreg.experiment.combine import combine
 from orthoreg.experiment.pipeline import pin_selection
 
-TINY = {
-    "name": "tiny",
-    "model": "tiny_cnn",
-    "tasks": ["synthetic_blobs", "synthetic_blobs_b"],
-    "control": "synthetic_blobs_c",
-    "data": {"max_train": 64, "max_val": 16, "max_test": 32, "shots": 2, "resolution": 16},
-    "paradigms": {"full": {"lr": 3e-3}},
-    "train": {"steps": 3, "batch_size": 16, "warmup_steps": 1},
-    "selection": {"lambdas": [1.0, 10.0], "lr_multipliers": [1.0, 3.0]},
-    "alphas": {"num": 3},
-    "seeds": [0],
-}
+from .test_pipeline import TINY as BASE
+
+#: the pipeline tests' tiny config, one paradigm, two candidates per variant (a real choice)
+TINY = {**BASE, "paradigms": {"full": {"lr": 3e-3}},
+        "train": {"steps": 3, "batch_size": 16, "warmup_steps": 1},
+        "selection": {"lambdas": [1.0, 10.0], "lr_multipliers": [1.0, 3.0]},
+        "alphas": {"num": 3}, "seeds": [0]}
 
 
 def _run(out: Path, seeds: list[int], pinned: dict | None = None) -> dict:
