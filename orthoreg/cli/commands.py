@@ -260,6 +260,9 @@ def merge(args: argparse.Namespace) -> int:
 
 def _configure_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("vectors", nargs="+", help="task vector files")
+    p.add_argument("--by-parameter", type=int, default=0, metavar="N",
+                   help="also the N tensors carrying most of Σ‖τ‖² and of the pairwise dot "
+                        "products (where the size and the alignment live; ≥ 2 vectors)")
 
 
 @command("info", "describe task vectors: metadata, norms, pairwise cosines", _configure_info)
@@ -279,8 +282,26 @@ def info(args: argparse.Namespace) -> int:
     if len(vectors) > 1:
         lines.append("pairwise cosine:")
         lines += ["  " + " ".join(f"{a.cosine(b):+.3f}" for b in vectors) for a in vectors]
+    if args.by_parameter > 0:
+        if len(vectors) < 2:
+            raise UsageError("--by-parameter needs at least 2 task vectors")
+        lines += _by_parameter_lines(vectors, args.by_parameter)
     print("\n".join(lines))
     return 0
+
+
+def _by_parameter_lines(vectors: list[Any], top: int) -> list[str]:
+    from orthoreg.diagnostics.orthogonality import alignment_by_parameter
+
+    shares = alignment_by_parameter(vectors)
+    width = max(len(name) for name in shares)
+    lines = []
+    for key, title in (("norm_share", "share of Σ‖τ‖²"), ("dot_share", "share of Σ pairwise dot")):
+        lines.append(f"tensors by {title} (with that tensor's mean pairwise cosine):")
+        for name in sorted(shares, key=lambda n: -abs(shares[n][key]))[:top]:
+            lines.append(f"  {name:<{width}}  {shares[name][key]:+.3f}  "
+                         f"cos {shares[name]['cosine']:+.3f}")
+    return lines
 
 
 def _configure_bench(p: argparse.ArgumentParser) -> None:

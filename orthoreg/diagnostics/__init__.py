@@ -40,6 +40,7 @@ from orthoreg.diagnostics.disentanglement import (
     disentanglement_error,
 )
 from orthoreg.diagnostics.orthogonality import (
+    alignment_by_parameter,
     angle_histogram,
     column_angles,
     cosine_matrix,
@@ -71,6 +72,7 @@ __all__ = [
     "DisentanglementMap",
     "SpecializationResult",
     "TaskProbe",
+    "alignment_by_parameter",
     "alpha_grid",
     "angle_histogram",
     "attribution_mass",

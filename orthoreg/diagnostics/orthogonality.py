@@ -62,6 +62,41 @@ def layer_cosines(first: Mapping[str, Tensor], second: Mapping[str, Tensor]) -> 
     return _as_vector(first).per_layer_cosine(_as_vector(second))
 
 
+def alignment_by_parameter(vectors: Sequence[Mapping[str, Tensor]]) -> dict[str, dict[str, float]]:
+    """Where the size and the alignment of a set of task vectors live, per tensor.
+
+    For each tensor l: ``norm_share`` = Σ_t ‖τ_t[l]‖² / Σ_t ‖τ_t‖² and ``dot_share`` =
+    Σ_{i<j} ⟨τ_i[l], τ_j[l]⟩ / Σ_{i<j} ⟨τ_i, τ_j⟩ (both sum to 1 over tensors; a dot share
+    may be negative or exceed 1 when tensors disagree in sign), plus ``cosine``, the mean
+    pairwise cosine of that tensor alone. Why: a high whole-vector cosine may come from one
+    tensor that every task moves the same way (the text benchmark's word embeddings under
+    OrthoReg with Adam, docs/TEXT.md) rather than from the layers that learn the tasks.
+    Needs ≥ 2 vectors; float64 accumulation."""
+    task_vectors = [_as_vector(v) for v in vectors]
+    if len(task_vectors) < 2:
+        raise ValueError("alignment_by_parameter needs at least 2 task vectors")
+    for other in task_vectors[1:]:
+        task_vectors[0].check_compatible(other)
+    squares: dict[str, float] = {}
+    dots: dict[str, float] = {}
+    cosines: dict[str, float] = {}
+    pairs = [(i, j) for i in range(len(task_vectors)) for j in range(i + 1, len(task_vectors))]
+    for name in task_vectors[0]:
+        flat = torch.stack([v[name].detach().double().cpu().flatten() for v in task_vectors])
+        gram = flat @ flat.T
+        norms = gram.diagonal().sqrt()
+        squares[name] = float(gram.diagonal().sum())
+        dots[name] = sum(float(gram[i, j]) for i, j in pairs)
+        cosines[name] = sum(float(gram[i, j] / (norms[i] * norms[j]))
+                            if float(norms[i] * norms[j]) > 0 else 0.0
+                            for i, j in pairs) / len(pairs)
+    total_square, total_dot = sum(squares.values()), sum(dots.values())
+    return {name: {"norm_share": squares[name] / total_square if total_square else 0.0,
+                   "dot_share": dots[name] / total_dot if total_dot else 0.0,
+                   "cosine": cosines[name]}
+            for name in squares}
+
+
 # ------------------------------------------------------------------ within one ΔW
 def layer_penalties(vector: Mapping[str, Tensor], squared: bool = False) -> dict[str, float]:
     """R(ΔW) = ‖G − I‖_F per matrix (``squared``: ‖G − I‖²_F, the paper's text form)."""

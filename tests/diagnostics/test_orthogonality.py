@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from orthoreg.diagnostics import (
+    alignment_by_parameter,
     angle_histogram,
     column_angles,
     cosine_matrix,
@@ -51,6 +52,41 @@ def test_cosine_matrix_against_numpy() -> None:
     assert math.isclose(per_layer["fc.weight"], a @ b / np.linalg.norm(a) / np.linalg.norm(b),
                         rel_tol=1e-10)
     assert set(per_layer) == set(vectors[0])
+
+
+def test_alignment_by_parameter_against_numpy() -> None:
+    vectors = [vector(0), vector(1), vector(2)]
+    shares = alignment_by_parameter(vectors)
+    arrays = [flat(v) for v in vectors]
+    total_square = sum(a @ a for a in arrays)
+    total_dot = sum(arrays[i] @ arrays[j] for i in range(3) for j in range(i + 1, 3))
+    for name in vectors[0]:
+        parts = [v[name].numpy().ravel().astype(np.float64) for v in vectors]
+        dots = [parts[i] @ parts[j] for i in range(3) for j in range(i + 1, 3)]
+        cosines = [parts[i] @ parts[j] / np.linalg.norm(parts[i]) / np.linalg.norm(parts[j])
+                   for i in range(3) for j in range(i + 1, 3)]
+        assert math.isclose(shares[name]["norm_share"], sum(p @ p for p in parts) / total_square,
+                            rel_tol=1e-10)
+        assert math.isclose(shares[name]["dot_share"], sum(dots) / total_dot, rel_tol=1e-9)
+        assert math.isclose(shares[name]["cosine"], float(np.mean(cosines)), rel_tol=1e-9)
+    assert math.isclose(sum(s["norm_share"] for s in shares.values()), 1.0, rel_tol=1e-12)
+    assert math.isclose(sum(s["dot_share"] for s in shares.values()), 1.0, rel_tol=1e-9)
+
+
+def test_alignment_by_parameter_finds_the_shared_tensor() -> None:
+    """Independent random updates plus one tensor every task moves the same way (the
+    embedding artefact of the text benchmark): that tensor carries the alignment."""
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(50, 8, generator=generator)
+    vectors = [TaskVector({"emb.weight": shared + 0.1 * torch.randn(50, 8, generator=generator),
+                           "fc.weight": torch.randn(20, 20, generator=generator)})
+               for _ in range(4)]
+    shares = alignment_by_parameter(vectors)
+    assert shares["emb.weight"]["dot_share"] > 0.95
+    assert shares["emb.weight"]["cosine"] > 0.95
+    assert abs(shares["fc.weight"]["cosine"]) < 0.2
+    with pytest.raises(ValueError, match="at least 2"):
+        alignment_by_parameter(vectors[:1])
 
 
 def test_matrices_are_the_penalised_tensors_with_convs_flattened() -> None:
@@ -137,3 +173,17 @@ def test_angle_axis_and_zero_columns() -> None:
         column_angles(wide, "diagonal")
     pooled = vector_angles(vector(10))
     assert pooled.numel() == 6 * 5 // 2 + 4 * 3 // 2  # conv (6 rows) + fc (4 columns)
+
+
+def test_cli_info_by_parameter(tmp_path, capsys) -> None:
+    from orthoreg.cli import main
+
+    paths = [str(vector(seed).save(tmp_path / f"t{seed}.safetensors")) for seed in range(2)]
+    assert main(["info", *paths, "--by-parameter", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "share of Σ‖τ‖²" in out and "share of Σ pairwise dot" in out
+    shares = alignment_by_parameter([vector(0), vector(1)])
+    top = max(shares, key=lambda n: shares[n]["norm_share"])
+    assert f"{top}" in out.split("share of Σ‖τ‖²")[1].splitlines()[1]
+    assert main(["info", paths[0], "--by-parameter", "2"]) == 2
+    assert "at least 2" in capsys.readouterr().err
