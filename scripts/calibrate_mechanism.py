@@ -14,7 +14,11 @@ R2  the larger-update setting: the smallest learning-rate multiplier m ∈ {3, 1
 The fine-tunes are the sweep's own cached stages (same output directories), so the sweep
 reuses them. Writes docs/results/mechanism/calibration.json.
 
-    python scripts/calibrate_mechanism.py [--out runs/mechanism] [--paradigms full lora]
+    python scripts/calibrate_mechanism.py [--config mechanism] [--out runs/mechanism]
+                                          [--paradigms full lora]
+
+``--config``: a built-in config name or a YAML file (the text benchmark's forms use
+docs/results/text/mechanism/mechanism_<paradigm>.yaml); only its seed 0 is used.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orthoreg.cli.commands import builtin_config
+from orthoreg.cli.commands import resolve_config
 from orthoreg.experiment import load_config
 from orthoreg.experiment.pipeline import Candidate, Experiment
 from orthoreg.utils.io import atomic_write_json
@@ -81,6 +85,8 @@ def large_update(config: Any, out: Path, paradigm: str, log: Any) -> dict[str, A
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="mechanism",
+                        help="built-in config name or YAML file whose seed 0 is calibrated")
     parser.add_argument("--out", default="runs/mechanism")
     parser.add_argument("--paradigms", nargs="+", default=["full", "lora"])
     parser.add_argument("--json", default="docs/results/mechanism/calibration.json",
@@ -91,7 +97,7 @@ def main(argv: list[str]) -> int:
                         help="rule R2 only (R1's figures are already committed)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    config = load_config(builtin_config("mechanism"), {"seeds": [0]})
+    config = load_config(resolve_config(args.config), {"seeds": [0]})
     out = Path(args.out)
     result: dict[str, Any] = {"rules": __doc__.split("\n\n")[1], "paradigms": {}}
     for paradigm in args.paradigms:

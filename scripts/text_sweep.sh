@@ -4,9 +4,12 @@
 # paradigm nobody has claimed (a claim is a directory made atomically under OUT/claims),
 # runs `orthoreg demo` on that paradigm alone (the text config with the other paradigms
 # dropped; every stage's cache key depends only on its own paradigm) into OUT/<paradigm>,
-# and moves on. `orthoreg demo --config text --out OUT/all` then gathers the stages.
+# and moves on. `orthoreg combine OUT/all OUT/full OUT/partial OUT/lora OUT/linear` then
+# joins them. With PINNED=DIR set, each paradigm reuses the choices of DIR/<paradigm>'s
+# finished run (`--selection-from`): the way further seeds are run after the first.
 #
-# usage: bash scripts/text_sweep.sh [OUT=runs/text] [SEEDS=1]   (start one or more workers)
+# usage: [PINNED=DIR] bash scripts/text_sweep.sh [OUT=runs/text] [SEEDS=1]
+#        (SEEDS: a count, or a YAML list such as '[1,2]'; start one or more workers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/text}
@@ -27,8 +30,12 @@ config["name"] = f"text-{paradigm}"
 with open(path, "w") as f:
     yaml.safe_dump(config, f, sort_keys=False)
 EOF
-  echo "$(date -u +%FT%TZ) text $paradigm, $seeds seed(s) → $out/$paradigm"
+  if [[ $seeds == \[* ]]; then seed_args=(--set "seeds=$seeds"); else seed_args=(--seeds "$seeds"); fi
+  pin_args=()
+  if [[ -n ${PINNED:-} ]]; then pin_args=(--selection-from "$PINNED/$paradigm"); fi
+  echo "$(date -u +%FT%TZ) text $paradigm, seeds $seeds${PINNED:+, pinned to $PINNED/$paradigm} → $out/$paradigm"
   start=$SECONDS
-  orthoreg demo --config "$config" --seeds "$seeds" --no-progress --out "$out/$paradigm"
+  orthoreg demo --config "$config" "${seed_args[@]}" "${pin_args[@]}" --no-progress \
+    --out "$out/$paradigm"
   echo "$(date -u +%FT%TZ) text $paradigm done in $((SECONDS - start)) s"
 done
