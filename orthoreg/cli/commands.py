@@ -153,6 +153,7 @@ def demo(args: argparse.Namespace) -> int:
 def _configure_combine(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="where the joined results.json and report go")
     p.add_argument("runs", nargs="+", help="finished runs (directories or results.json files)")
+    p.add_argument("--name", help="the joined benchmark's name (default: the first run's)")
 
 
 @command("combine", "join finished runs of one benchmark split by seed or paradigm "
@@ -160,7 +161,7 @@ def _configure_combine(p: argparse.ArgumentParser) -> None:
 def combine(args: argparse.Namespace) -> int:
     from orthoreg.experiment.combine import combine as combine_runs
 
-    results = combine_runs(args.out, args.runs)
+    results = combine_runs(args.out, args.runs, name=args.name)
     seeds = sorted({r["seed"] for r in results["runs"]})
     print(f"orthoreg combine: {len(args.runs)} runs, {len(results['runs'])} measurements, "
           f"seeds {seeds} → {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'}")

@@ -56,8 +56,11 @@ def _selection_key(choice: Mapping[str, Any]) -> tuple[float, float, str]:
     return (float(choice["lr"]), float(choice["lambda"]), choice.get("form", "paper"))
 
 
-def combine(out: str | Path, sources: list[str | Path]) -> dict[str, Any]:
-    """Check and join the runs; write ``out/results.json`` and ``out/report.md``."""
+def combine(out: str | Path, sources: list[str | Path], name: str | None = None) -> dict[str, Any]:
+    """Check and join the runs; write ``out/results.json`` and ``out/report.md``.
+
+    ``name``: the joined benchmark's name (default: the first run's; runs split by
+    paradigm carry per-part names such as ``text-full``)."""
     from orthoreg.experiment.pipeline import summarize
     from orthoreg.experiment.report import write_report
     from orthoreg.experiment.workspace import Workspace
@@ -80,11 +83,11 @@ def combine(out: str | Path, sources: list[str | Path]) -> dict[str, Any]:
         differs = _first_difference(other, config)
         if differs is not None:
             raise OrthoRegError(f"{path}: config key '{differs}' differs from {ref_path}")
-        for name, options in results["config"].get("paradigms", {}).items():
-            if name in paradigms and paradigms[name] != options:
-                raise OrthoRegError(f"{path}: config key 'paradigms.{name}' differs from "
+        for paradigm, options in results["config"].get("paradigms", {}).items():
+            if paradigm in paradigms and paradigms[paradigm] != options:
+                raise OrthoRegError(f"{path}: config key 'paradigms.{paradigm}' differs from "
                                     "another run's")
-            paradigms[name] = options
+            paradigms[paradigm] = options
         for task, acc in results["pretrained"].items():
             if ref["pretrained"].get(task, acc) != acc:
                 raise OrthoRegError(f"{path}: pretrained accuracy of {task!r} differs from "
@@ -111,7 +114,7 @@ def combine(out: str | Path, sources: list[str | Path]) -> dict[str, Any]:
     seeds = sorted({r["seed"] for r in runs})
     commits = list(dict.fromkeys(str(r.get("git_commit")) for _, r in loaded))
     combined = {
-        "name": ref["name"], "model": ref["model"], "family": ref.get("family"),
+        "name": name or ref["name"], "model": ref["model"], "family": ref.get("family"),
         "tasks": ref["tasks"], "control": ref["control"], "pretrained": ref["pretrained"],
         "data_info": ref.get("data_info", {}), "selection": selection, "runs": runs,
         "summary": summarize(runs),
@@ -121,7 +124,8 @@ def combine(out: str | Path, sources: list[str | Path]) -> dict[str, Any]:
                      "paradigms": list(r["config"].get("paradigms", {})),
                      "seconds": r.get("timings", {}).get("total")} for path, r in loaded],
         "timings": {"total": sum(r.get("timings", {}).get("total", 0.0) for _, r in loaded)},
-        "config": {**ref["config"], "paradigms": paradigms, "seeds": seeds},
+        "config": {**ref["config"], "paradigms": paradigms, "seeds": seeds,
+                   "name": name or ref["config"].get("name", ref["name"])},
         "git_commit": commits[0] if len(commits) == 1 else " + ".join(commits),
         "versions": ref.get("versions"),
     }

@@ -49,7 +49,7 @@ def test_a_pinned_run_trains_only_the_chosen_candidates(split) -> None:
 
 
 def test_combine_joins_seeds_into_one_report(split, tmp_path: Path) -> None:
-    first, second, _, _ = split
+    first, second, chosen, _ = split
     joined = combine(tmp_path / "all", [first, second])
     assert [r["seed"] for r in joined["runs"] if r["variant"] == "baseline"] == [0, 1]
     row = next(r for r in joined["summary"] if r["variant"] == "orthoreg")
@@ -62,6 +62,11 @@ def test_combine_joins_seeds_into_one_report(split, tmp_path: Path) -> None:
     assert "paired over 2 seeds" in report
     on_disk = json.loads((tmp_path / "all" / "results.json").read_text())
     assert [s["seeds"] for s in on_disk["sources"]] == [[0], [1]]
+    assert on_disk["name"] == joined["name"] == chosen["name"]  # the first run's by default
+    named = combine(tmp_path / "named", [first, second], name="joined-benchmark")
+    assert named["name"] == named["config"]["name"] == "joined-benchmark"
+    assert (tmp_path / "named" / "report.md").read_text().startswith(
+        "# orthoreg report — joined-benchmark")
 
 
 def test_combine_refuses_a_seed_twice_and_a_different_config(split, tmp_path: Path) -> None:
